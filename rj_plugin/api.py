@@ -1,0 +1,264 @@
+"""The Python API: ``bound_jacobian`` and the reusable ``JacobianBounder``.
+
+    model -> LirpaGraph (auto_LiRPA BoundedModule) -> JacobianChain (graph transformation)
+          -> dense linear maps W_k  +  pre-activation bounds -> derivative ranges
+          -> recurjac | fastlip | interval  ->  JacobianBounds
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from rj_plugin import lipschitz as lip
+from rj_plugin import recurjac as rj
+from rj_plugin.chain import JacobianChain, build_chain
+from rj_plugin.errors import InputError
+from rj_plugin.lirpa import PREACT_METHODS, LirpaGraph, make_perturbation
+from rj_plugin.models import load_model
+from rj_plugin.region import Region, make_region
+
+METHODS = ("recurjac", "fastlip", "interval")
+
+
+@dataclass
+class JacobianBounds:
+    """Certified element-wise bounds of the Jacobian over a region.
+
+    Attributes:
+        lower, upper: ``[B, n_out, *input_shape]``; ``lower <= d f_j / d x_k (x) <= upper`` for
+            every x in the region (rows are those of ``C @ f`` when a C was given).
+        region: the input region.
+        method: ``recurjac`` | ``fastlip`` | ``interval``.
+        preact: the pre-activation bound method (``ibp`` | ``crown`` | ``crown-ibp`` |
+            ``alpha-crown``; ``none`` for global bounds).
+        timings: seconds spent per phase.
+    """
+
+    lower: Tensor
+    upper: Tensor
+    region: Region
+    method: str
+    preact: str
+    timings: dict[str, float] = field(default_factory=dict)
+    _net: rj.LayeredJacobian | None = field(default=None, repr=False)
+    _backward: rj.BackwardBounds | None = field(default=None, repr=False)
+    _options: dict[str, Any] = field(default_factory=dict, repr=False)
+    _activation_max: list[float] = field(default_factory=list, repr=False)
+
+    @property
+    def batch(self) -> int:
+        return self.lower.shape[0]
+
+    @property
+    def n_out(self) -> int:
+        return self.lower.shape[1]
+
+    def _flat(self) -> tuple[Tensor, Tensor]:
+        return self.lower.flatten(2), self.upper.flatten(2)
+
+    def with_spec(self, C: Tensor) -> JacobianBounds:
+        """Bounds for the rows of ``C @ f(x)``, C folded into the last layer (spec section 1).
+
+        ``C``: ``[k, n_out]`` shared by the batch, or ``[B, k, n_out]``.
+        """
+        net = self._net
+        C = torch.as_tensor(C, dtype=net.weights[-1].dtype, device=net.weights[-1].device)
+        if C.dim() not in (2, 3) or C.shape[-1] != net.n_out:
+            raise InputError(f"C must be [k, {net.n_out}] or [B, k, {net.n_out}], "
+                             f"got {tuple(C.shape)}")
+        spec_net = net.with_last(C @ net.weights[-1])
+        return _run_algorithm(spec_net, self.region, self.method, self.preact,
+                              self.lower.shape[2:], dict(self.timings), self._options,
+                              self._activation_max)
+
+    def lipschitz(self, C: Tensor | None = None) -> Tensor:
+        """Per-row bound on the dual norm q of the gradient over the region, ``[B, rows]``.
+
+        Rows are the outputs, or those of ``C @ f`` (margins) with C folded into the last layer.
+        """
+        if C is not None:
+            return self.with_spec(C).lipschitz()
+        lower, upper = self._flat()
+        merged = None
+        if math.isinf(self.region.norm) and self.method != "interval":
+            signs = lip.fixed_signs(lower, upper)
+            merged = rj.merged_row_upper(self._net, self._backward, signs, self.method)
+        return lip.row_lipschitz(lower, upper, self.region.norm, merged)
+
+    def induced_norm(self) -> Tensor:
+        """Bound on the induced p->p norm of the whole Jacobian over the region, ``[B]``."""
+        lower, upper = self._flat()
+        rows = self.lipschitz() if math.isinf(self.region.norm) else None
+        return lip.induced_norm_bound(lower, upper, self.region.norm, rows)
+
+    def operator_norm_product(self) -> Tensor:
+        """The naive global bound ||W_m[j,:]||_q prod ||W_l||_{p->p} max|sigma'|, ``[rows]``."""
+        return lip.operator_norm_product(self._net.weights, self._activation_max,
+                                         self.region.norm)
+
+    def contains(self, jacobian: Tensor, atol: float = 0.0) -> Tensor:
+        """Which of the given Jacobians ``[B, N, n_out, *input_shape]`` lie in the bounds: ``[B, N]``."""
+        lo, hi = self.lower[:, None], self.upper[:, None]
+        ok = (jacobian >= lo - atol) & (jacobian <= hi + atol)
+        return ok.flatten(2).all(-1)
+
+
+def _run_algorithm(net: rj.LayeredJacobian, region: Region, method: str, preact: str,
+                   input_shape: tuple[int, ...], timings: dict[str, float],
+                   options: dict[str, Any], activation_max: list[float]) -> JacobianBounds:
+    start = time.perf_counter()
+    backward = None
+    if method == "recurjac":
+        backward = rj.recurjac_backward(net, intersect=options.get("intersect", True),
+                                        max_elements=options.get("max_elements",
+                                                                 rj.DEFAULT_MAX_ELEMENTS))
+        lower, upper = backward.lower[1], backward.upper[1]
+    elif method == "fastlip":
+        backward = rj.fastlip_backward(net)
+        lower, upper = backward.lower[1], backward.upper[1]
+    else:
+        lower, upper = rj.interval_forward(net)
+    timings["jacobian_s"] = time.perf_counter() - start
+    batch = lower.shape[0]
+    shape = (batch, lower.shape[1], *input_shape)
+    return JacobianBounds(lower.reshape(shape), upper.reshape(shape), region, method, preact,
+                          timings, net, backward, options, activation_max)
+
+
+class JacobianBounder:
+    """A model prepared for repeated Jacobian bounds (graph, chain and linear maps built once).
+
+    Args:
+        model: an ``nn.Module``, or a path / demo name understood by :func:`load_model`.
+        input_shape: the shape of one input (without batch); needed when the model does not
+            record it and no ``example`` is given.
+        example: an example input ``[B, *input_shape]`` (used for tracing).
+        dtype: float64 (default) or float32.
+        device: ``"cpu"``, ``"cuda"``, ...
+        bound_opts: extra auto_LiRPA bound options.
+    """
+
+    def __init__(self, model: nn.Module | str, *, input_shape: tuple[int, ...] | None = None,
+                 example: Tensor | None = None, dtype: torch.dtype = torch.float64,
+                 device: torch.device | str = "cpu", bound_opts: dict | None = None) -> None:
+        if dtype not in (torch.float64, torch.float32):
+            raise InputError(f"dtype must be float64 or float32, got {dtype}")
+        start = time.perf_counter()
+        self.model = load_model(model) if not isinstance(model, nn.Module) else model
+        self.model = self.model.to(device=device, dtype=dtype).eval()
+        self.dtype, self.device = dtype, torch.device(device)
+        if example is None:
+            shape = input_shape or getattr(self.model, "rj_input_shape", None)
+            if shape is None:
+                raise InputError("the model's input shape is unknown: pass input_shape or "
+                                 "an example input")
+            example = torch.zeros(1, *shape, dtype=dtype, device=device)
+        example = example.to(device=device, dtype=dtype)
+        self.input_shape = tuple(example.shape[1:])
+        self.graph = LirpaGraph(self.model, example, bound_opts, device)
+        self.chain: JacobianChain = build_chain(self.graph.nodes, self.graph.input_name,
+                                                self.graph.output_name)
+        self.weights = [seg.matrix(dtype, device) for seg in self.chain.segments]
+        self.preact_nodes = [a.input_node for a in self.chain.activations]
+        self.build_seconds = time.perf_counter() - start
+
+    def derivative_ranges(self, region: Region, preact: str, alpha_iterations: int = 20,
+                          alpha_lr: float = 0.1) -> tuple[list[Tensor], list[Tensor]]:
+        """``g_lo, g_hi``: one ``[B, n_k]`` pair per activation."""
+        if region.unbounded:
+            pairs = [a.activation.global_bounds(torch.zeros(region.batch, math.prod(a.shape),
+                                                            dtype=self.dtype, device=self.device))
+                     for a in self.chain.activations]
+        else:
+            ptb = make_perturbation(region.norm, region.eps, region.lower, region.upper)
+            pre = self.graph.preactivation_bounds(region.center, ptb, self.preact_nodes, preact,
+                                                  alpha_iterations, alpha_lr)
+            pairs = []
+            for act in self.chain.activations:
+                lo, hi = pre[act.input_node]
+                lo, hi = lo.reshape(region.batch, -1), hi.reshape(region.batch, -1)
+                if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+                    raise InputError(f"pre-activation bounds of {act.input_node} are not finite")
+                pairs.append(act.activation.bounds(lo, hi))
+        return [p[0] for p in pairs], [p[1] for p in pairs]
+
+    def bound(self, region: Region, *, preact: str = "crown", method: str = "recurjac",
+              C: Tensor | None = None, alpha_iterations: int = 20, alpha_lr: float = 0.1,
+              intersect: bool = True, max_elements: int = rj.DEFAULT_MAX_ELEMENTS
+              ) -> JacobianBounds:
+        """Certified Jacobian bounds over ``region`` (see :func:`bound_jacobian`)."""
+        if method not in METHODS:
+            raise InputError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+        if preact not in PREACT_METHODS:
+            raise InputError(f"unknown pre-activation method {preact!r}; choose from "
+                             f"{', '.join(PREACT_METHODS)}")
+        if tuple(region.center.shape[1:]) != self.input_shape:
+            raise InputError(f"input has shape {tuple(region.center.shape[1:])}; the model "
+                             f"takes {self.input_shape}")
+        start = time.perf_counter()
+        g_lo, g_hi = self.derivative_ranges(region, preact, alpha_iterations, alpha_lr)
+        timings = {"preact_s": time.perf_counter() - start}
+        net = rj.LayeredJacobian(list(self.weights), g_lo, g_hi)
+        if C is not None:
+            C = torch.as_tensor(C, dtype=self.dtype, device=self.device)
+            if C.dim() not in (2, 3) or C.shape[-1] != net.n_out:
+                raise InputError(f"C must be [k, {net.n_out}] or [B, k, {net.n_out}], "
+                                 f"got {tuple(C.shape)}")
+            net = net.with_last(C @ net.weights[-1])
+        options = {"intersect": intersect, "max_elements": max_elements}
+        act_max = [a.activation.max_abs_derivative for a in self.chain.activations]
+        return _run_algorithm(net, region, method, "none" if region.unbounded else preact,
+                              self.input_shape, timings, options, act_max)
+
+    def region(self, x0=None, eps=None, norm="inf", lower=None, upper=None,
+               unbounded: bool = False) -> Region:
+        """A validated :class:`Region` for this model's input shape, dtype and device."""
+        return make_region(x0, eps, norm, lower, upper, unbounded=unbounded,
+                           input_shape=self.input_shape, dtype=self.dtype, device=self.device)
+
+
+def bound_jacobian(model: nn.Module | str, x0=None, eps=None, norm="inf", *, lower=None,
+                   upper=None, preact: str = "crown", method: str = "recurjac",
+                   C: Tensor | None = None, global_bounds: bool = False,
+                   dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu",
+                   alpha_iterations: int = 20, alpha_lr: float = 0.1,
+                   bound_opts: dict | None = None, intersect: bool = True) -> JacobianBounds:
+    """Certified element-wise bounds of d f / d x over an input region.
+
+    Args:
+        model: an ``nn.Module`` (batch-first), a ``.onnx`` / ``.pt`` path, or a demo name.
+        x0: the center, ``[*input_shape]`` or ``[B, *input_shape]``.  When the model does not
+            record its input shape (ONNX and demo models do), x0 is read as a batch
+            ``[B, *input_shape]`` unless it is 1-d.
+        eps, norm: the l_p ball ``||x - x0||_p <= eps``, p in {1, 2, inf}.
+        lower, upper: a box instead of a ball.
+        preact: pre-activation bounds from auto_LiRPA: ``ibp`` | ``crown`` | ``crown-ibp`` |
+            ``alpha-crown``.
+        method: ``recurjac`` | ``fastlip`` | ``interval``.
+        C: ``[k, n_out]`` or ``[B, k, n_out]``: bound the Jacobian of ``C @ f`` instead.
+        global_bounds: bound over the whole input space (x0 gives only the shape).
+        dtype, device: float64 by default; float32 opt-in; any torch device.
+
+    Returns:
+        :class:`JacobianBounds` with ``lower, upper`` of shape ``[B, n_out, *input_shape]``.
+    """
+    net = model if isinstance(model, nn.Module) else load_model(model, dtype=dtype, device=device)
+    shape = getattr(net, "rj_input_shape", None)
+    if shape is None:  # x0 (or the box) is a batch [B, *input_shape], or one 1-d input
+        ref = x0 if x0 is not None else lower
+        if ref is None:
+            raise InputError("no region: give x0 and eps, or lower and upper")
+        ref = torch.as_tensor(ref)
+        shape = tuple(ref.shape[1:]) if ref.dim() >= 2 else tuple(ref.shape)
+    bounder = JacobianBounder(net, input_shape=tuple(shape), dtype=dtype, device=device,
+                              bound_opts=bound_opts)
+    region = bounder.region(x0, eps, norm, lower, upper, unbounded=global_bounds)
+    return bounder.bound(region, preact=preact, method=method, C=C,
+                         alpha_iterations=alpha_iterations, alpha_lr=alpha_lr,
+                         intersect=intersect)

@@ -1,0 +1,196 @@
+"""Certified ranges of an activation's derivative over an interval (spec section 2).
+
+For an elementwise activation sigma and a pre-activation interval z in [l, u], a rule returns
+tensors ``(g_lo, g_hi)`` of the same shape as ``l`` with
+
+    g_lo <= sigma'(z) <= g_hi    for every z in [l, u]
+
+(for every element of the Clarke generalised derivative at kinks, so that any sub-gradient that
+autograd picks at a tie is covered).  ``l = -inf`` / ``u = +inf`` are allowed and give the global
+ranges used for global Lipschitz constants.
+
+Rules by shape of sigma':
+
+* piecewise constant (ReLU, leaky ReLU, hard-tanh): the values sigma' takes on the pieces that
+  [l, u] meets, including the kink value sets;
+* monotone sigma' (softplus: sigma' = logistic, increasing; ELU with alpha <= 1: non-decreasing):
+  ``[sigma'(l), sigma'(u)]``;
+* even, unimodal sigma' with its maximum at 0 (tanh, sigmoid, arctan): the minimum is at the
+  endpoint farthest from 0, the maximum at 0 if the interval straddles it, else at the endpoint
+  nearest to 0.
+
+Smooth rules evaluate sigma' in floating point; the result is widened outwards by a few ulps,
+relative to the value and to sup|sigma'| (``_ULP_WIDEN``), so that rounding can never make a bound
+exclude the value autograd computes (autograd's tanh' = 1 - tanh^2 carries an absolute error of
+about one ulp of 1, large relative to tiny derivatives far from 0).
+
+To add an activation: write a function ``(l, u) -> (g_lo, g_hi)`` that is sound in the sense
+above, and register it with :func:`register_activation` under a name; then teach
+:mod:`rj_plugin.chain` which graph node maps to that name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from rj_plugin.errors import UnsupportedLayerError
+
+DerivativeRule = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+
+# Relative outward widening of evaluated smooth derivatives (float64 ulp is 2.2e-16, float32 1.2e-7).
+_ULP_WIDEN = 8.0
+
+
+@dataclass(frozen=True)
+class Activation:
+    """An elementwise activation known to the plugin.
+
+    Attributes:
+        name: registry key, e.g. ``"relu"`` or ``"leaky_relu:0.01"`` (the slope is part of the
+            name because it changes the rule).
+        rule: ``(l, u) -> (g_lo, g_hi)``, see the module docstring.
+        nonnegative_derivative: True when sigma' >= 0 everywhere (a monotone activation).
+        max_abs_derivative: sup |sigma'| over the real line (for operator-norm products).
+    """
+
+    name: str
+    rule: DerivativeRule
+    nonnegative_derivative: bool
+    max_abs_derivative: float
+
+    def bounds(self, lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor]:
+        """Derivative bounds ``(g_lo, g_hi)`` over ``[lower, upper]``, elementwise, same shape."""
+        if lower.shape != upper.shape:
+            raise ValueError(f"{self.name}: lower {tuple(lower.shape)} and upper "
+                             f"{tuple(upper.shape)} differ in shape")
+        return self.rule(lower, upper)
+
+    def global_bounds(self, like: Tensor) -> tuple[Tensor, Tensor]:
+        """Derivative bounds over the whole real line, shaped like ``like``."""
+        inf = torch.full_like(like, float("inf"))
+        return self.rule(-inf, inf)
+
+
+def _widen(g_lo: Tensor, g_hi: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """Push evaluated derivative values outwards by a few ulps (relative, and of ``scale``);
+    the lower end stays >= 0 (every smooth rule here has sigma' >= 0)."""
+    eps = torch.finfo(g_lo.dtype).eps * _ULP_WIDEN
+    return ((g_lo - eps * (g_lo.abs() + scale)).clamp(min=0),
+            g_hi + eps * (g_hi.abs() + scale))
+
+
+def _piecewise_linear_rule(neg_slope: float, pos_slope: float) -> DerivativeRule:
+    """sigma'(z) = neg_slope for z < 0, pos_slope for z > 0, anything between at z = 0."""
+    lo_s, hi_s = min(neg_slope, pos_slope), max(neg_slope, pos_slope)
+
+    def rule(lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor]:
+        pos = lower > 0  # the whole interval lies on the positive piece
+        neg = upper < 0  # the whole interval lies on the negative piece
+        g_lo = torch.full_like(lower, lo_s)
+        g_hi = torch.full_like(lower, hi_s)
+        g_lo = torch.where(pos, torch.full_like(lower, pos_slope), g_lo)
+        g_hi = torch.where(pos, torch.full_like(lower, pos_slope), g_hi)
+        g_lo = torch.where(neg, torch.full_like(lower, neg_slope), g_lo)
+        g_hi = torch.where(neg, torch.full_like(lower, neg_slope), g_hi)
+        return g_lo, g_hi
+
+    return rule
+
+
+def _even_unimodal_rule(derivative: Callable[[Tensor], Tensor], peak: float) -> DerivativeRule:
+    """sigma' even and unimodal with its maximum at 0 (tanh, sigmoid, arctan)."""
+
+    def rule(lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor]:
+        far = torch.maximum(lower.abs(), upper.abs())
+        straddles = (lower <= 0) & (upper >= 0)
+        near = torch.where(straddles, torch.zeros_like(lower),
+                           torch.minimum(lower.abs(), upper.abs()))
+        return _widen(derivative(far), derivative(near), peak)
+
+    return rule
+
+
+def _monotone_rule(derivative: Callable[[Tensor], Tensor], sup: float) -> DerivativeRule:
+    """sigma' non-decreasing: the range over [l, u] is [sigma'(l), sigma'(u)]."""
+
+    def rule(lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor]:
+        return _widen(derivative(lower), derivative(upper), sup)
+
+    return rule
+
+
+def _tanh_prime(z: Tensor) -> Tensor:
+    # 1 / cosh^2 is accurate for large |z| (1 - tanh^2 cancels); cosh overflows to inf -> 0.
+    return 1.0 / torch.cosh(z).square()
+
+
+def _sigmoid_prime(z: Tensor) -> Tensor:
+    s = torch.sigmoid(z)
+    return s * torch.sigmoid(-z)
+
+
+def _arctan_prime(z: Tensor) -> Tensor:
+    return 1.0 / (1.0 + z.square())
+
+
+def _elu_prime(alpha: float) -> Callable[[Tensor], Tensor]:
+    def d(z: Tensor) -> Tensor:
+        # The value at z = 0 is taken from the left piece; both pieces meet there when alpha = 1
+        # and the left value alpha * e^0 = alpha <= 1 otherwise, so [d(l), d(u)] still covers it.
+        return torch.where(z > 0, torch.ones_like(z), alpha * torch.exp(torch.clamp(z, max=0.0)))
+
+    return d
+
+
+def _hardtanh_rule(lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor]:
+    """hardtanh' = 1 on (-1, 1) and 0 outside [-1, 1]; at +-1 any value in [0, 1]."""
+    inside = (lower > -1) & (upper < 1)
+    meets = (upper >= -1) & (lower <= 1)
+    one, zero = torch.ones_like(lower), torch.zeros_like(lower)
+    return torch.where(inside, one, zero), torch.where(meets, one, zero)
+
+
+_REGISTRY: dict[str, Activation] = {}
+
+
+def register_activation(activation: Activation) -> None:
+    """Add (or replace) an activation in the registry under ``activation.name``."""
+    _REGISTRY[activation.name] = activation
+
+
+def get_activation(name: str) -> Activation:
+    """Look up an activation; ``leaky_relu:<slope>`` and ``elu:<alpha>`` are built on demand."""
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    kind, _, param = name.partition(":")
+    if kind == "leaky_relu" and param:
+        slope = float(param)
+        if slope < 0:
+            raise UnsupportedLayerError(f"leaky ReLU slope {slope} < 0 is not monotone")
+        act = Activation(name, _piecewise_linear_rule(slope, 1.0), True, max(1.0, slope))
+    elif kind == "elu" and param:
+        alpha = float(param)
+        if not 0 <= alpha <= 1:
+            raise UnsupportedLayerError(f"ELU alpha {alpha} outside [0, 1]: its derivative "
+                                        "is then not monotone; not supported")
+        act = Activation(name, _monotone_rule(_elu_prime(alpha), 1.0), True, 1.0)
+    else:
+        known = ", ".join(sorted(_REGISTRY)) + ", leaky_relu:<slope>, elu:<alpha>"
+        raise UnsupportedLayerError(f"unknown activation {name!r}; known: {known}")
+    register_activation(act)
+    return act
+
+
+for _act in (
+    Activation("relu", _piecewise_linear_rule(0.0, 1.0), True, 1.0),
+    Activation("tanh", _even_unimodal_rule(_tanh_prime, 1.0), True, 1.0),
+    Activation("sigmoid", _even_unimodal_rule(_sigmoid_prime, 0.25), True, 0.25),
+    Activation("arctan", _even_unimodal_rule(_arctan_prime, 1.0), True, 1.0),
+    Activation("softplus", _monotone_rule(torch.sigmoid, 1.0), True, 1.0),
+    Activation("hardtanh", _hardtanh_rule, True, 1.0),
+):
+    register_activation(_act)

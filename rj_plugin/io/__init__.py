@@ -1,0 +1,1 @@
+"""File formats: VNN-LIB properties and counterexamples (vnnlib), result files (results)."""

@@ -1,0 +1,231 @@
+"""The one module that talks to auto_LiRPA internals.
+
+It builds a ``BoundedModule`` for a network, describes its graph as plain :class:`GraphNode`
+records (operator type, inputs, constant values, attributes, shapes) for
+:mod:`rj_plugin.chain`, and computes the pre-activation bounds that RecurJac consumes with one of
+auto_LiRPA's methods:
+
+* ``ibp``: interval bound propagation;
+* ``crown``: CROWN back-substitution for every pre-activation node, with auto_LiRPA's sparse
+  mode switched off so that *every* neuron gets its CROWN value (0.3's sparse mode keeps the looser
+  IBP value for neurons IBP already calls stable, which is harmless for ReLU but not for tanh or
+  sigmoid, whose derivative range depends on the magnitudes);
+* ``crown-ibp``: IBP for all layers, then CROWN back-substitution for each pre-activation node on
+  top of the IBP bounds of the layers before it (the intersection with IBP is kept);
+* ``alpha-crown``: CROWN, then for each pre-activation node in order an alpha-CROWN optimisation
+  of that node's bounds with the already tightened earlier layers fixed; the result is
+  intersected with CROWN, so it is never looser.
+
+Version differences (0.3 vs 0.4-0.7) are confined to the small helpers below: the keyword for
+fixed intermediate bounds (``intermediate_layer_bounds`` vs ``interm_bounds``), ``lower`` as an
+attribute vs a cached property, and class names (``BoundLeakyRelu`` may subclass ``BoundRelu``;
+dispatch is on the exact class name).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from rj_plugin import compat
+from rj_plugin.errors import InputError, UnsupportedLayerError
+
+auto_LiRPA = compat.import_auto_lirpa()
+from auto_LiRPA import BoundedModule, BoundedTensor  # noqa: E402
+from auto_LiRPA.perturbations import PerturbationLpNorm  # noqa: E402
+
+PREACT_METHODS = ("ibp", "crown", "crown-ibp", "alpha-crown")
+
+# Attributes that the chain builders read, copied off the auto_LiRPA node when present.
+_ATTRS = ("transA", "transB", "alpha", "beta", "axis", "perm", "stride", "padding", "dilation",
+          "groups", "epsilon", "training", "kernel_shape", "ceil_mode", "count_include_pad")
+
+
+@dataclass
+class GraphNode:
+    """A version-independent description of one node of auto_LiRPA's graph.
+
+    Attributes:
+        name: the node's name in the BoundedModule.
+        op: the operator, e.g. ``"Linear"``, ``"Relu"`` (the class name without ``Bound``).
+        inputs: names of the input nodes, in order.
+        value: the node's value when it does not depend on the perturbed input (weights, biases,
+            constants, shapes), else None.
+        output_shape: the shape of the node's output for the example input (batch first).
+        attrs: operator attributes (see ``_ATTRS``).
+    """
+
+    name: str
+    op: str
+    inputs: list[str]
+    value: Tensor | None
+    output_shape: tuple[int, ...]
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+
+def _kwarg_for_fixed_bounds() -> str:
+    params = inspect.signature(BoundedModule.compute_bounds).parameters
+    return "interm_bounds" if "interm_bounds" in params else "intermediate_layer_bounds"
+
+
+_FIXED_BOUNDS_KW = _kwarg_for_fixed_bounds()
+
+
+def _node_bounds(node: Any) -> tuple[Tensor, Tensor] | None:
+    """A node's (lower, upper) if auto_LiRPA computed them, else None."""
+    lower, upper = getattr(node, "lower", None), getattr(node, "upper", None)
+    if lower is None or upper is None:
+        interval = getattr(node, "interval", None)
+        if interval is None:
+            return None
+        lower, upper = interval[0], interval[1]
+    if not isinstance(lower, Tensor) or not isinstance(upper, Tensor):
+        return None
+    return lower.detach(), upper.detach()
+
+
+def make_perturbation(norm: float, eps: float | None = None, lower: Tensor | None = None,
+                      upper: Tensor | None = None) -> Any:
+    """An auto_LiRPA Lp-ball perturbation (``eps`` around the center) or box (``lower, upper``)."""
+    if lower is not None:
+        return PerturbationLpNorm(norm=float("inf"), eps=None, x_L=lower, x_U=upper)
+    return PerturbationLpNorm(norm=norm, eps=eps)
+
+
+class LirpaGraph:
+    """A network wrapped in auto_LiRPA's ``BoundedModule``.
+
+    Args:
+        model: the network, batch-first, in eval mode.
+        example: an input ``[B, *input_shape]`` on the model's device and dtype (its batch size is
+            only used for tracing).
+        bound_opts: extra auto_LiRPA bound options, merged over the plugin's defaults.
+    """
+
+    def __init__(self, model: nn.Module, example: Tensor, bound_opts: dict | None = None,
+                 device: torch.device | str = "cpu") -> None:
+        opts = compat.default_bound_opts()
+        opts["sparse_intermediate_bounds"] = False  # CROWN values for every neuron
+        for key, val in (bound_opts or {}).items():
+            if isinstance(val, dict) and isinstance(opts.get(key), dict):
+                opts[key] = {**opts[key], **val}
+            else:
+                opts[key] = val
+        self.bound_opts = opts
+        self.device = torch.device(device)
+        self.dtype = example.dtype
+        self.module = BoundedModule(model, example, bound_opts=opts, device=self.device)
+        self.module.eval()
+        with torch.no_grad():
+            self.module(example)
+        self.nodes = [self._describe(n) for n in self.module._modules.values()]
+        self.input_name = self._input_node_name()
+        self.output_name = self.module.final_name
+
+    # -- graph description ------------------------------------------------------------------
+
+    def _input_node_name(self) -> str:
+        names = [n for n in self.module.root_name
+                 if type(self.module[n]).__name__ == "BoundInput"]
+        if len(names) != 1:
+            raise UnsupportedLayerError(f"expected one input node, found {names}")
+        return names[0]
+
+    def _describe(self, node: Any) -> GraphNode:
+        op = type(node).__name__.removeprefix("Bound")
+        value = None
+        if not getattr(node, "perturbed", True) or op in ("Params", "Buffers", "Constant"):
+            value = getattr(node, "forward_value", None)
+            if value is None:
+                value = getattr(node, "value", None)
+            if isinstance(value, nn.Parameter):
+                value = value.detach()
+        out = getattr(node, "output_shape", None)
+        if out is None and isinstance(getattr(node, "forward_value", None), Tensor):
+            out = node.forward_value.shape
+        attrs = {a: getattr(node, a) for a in _ATTRS if hasattr(node, a)}
+        attrs.update({k: v for k, v in (getattr(node, "attr", None) or {}).items()
+                      if k not in attrs})
+        return GraphNode(node.name, op, [i.name for i in node.inputs], value,
+                         tuple(out) if out is not None else (), attrs)
+
+    # -- bounds -------------------------------------------------------------------------------
+
+    def _bounded_input(self, center: Tensor, perturbation: Any) -> BoundedTensor:
+        return BoundedTensor(center.to(self.device, self.dtype), perturbation)
+
+    def _read(self, names: list[str]) -> dict[str, tuple[Tensor, Tensor]]:
+        out = {}
+        for name in names:
+            b = _node_bounds(self.module[name])
+            if b is None:
+                raise RuntimeError(f"auto_LiRPA computed no bounds for node {name}")
+            out[name] = b
+        return out
+
+    def preactivation_bounds(self, center: Tensor, perturbation: Any, names: list[str],
+                             method: str = "crown", alpha_iterations: int = 20,
+                             alpha_lr: float = 0.1) -> dict[str, tuple[Tensor, Tensor]]:
+        """Bounds ``(lower, upper)`` of the nodes ``names`` (pre-activation nodes, in
+        topological order) over the region, each ``[B, *node_shape]``.
+
+        Args:
+            center: ``[B, *input_shape]``: the region's center (box: any point inside it).
+            perturbation: from :func:`make_perturbation`.
+            method: one of ``PREACT_METHODS``.
+        """
+        if method not in PREACT_METHODS:
+            raise InputError(f"unknown pre-activation method {method!r}; "
+                             f"choose from {', '.join(PREACT_METHODS)}")
+        if not names:
+            return {}
+        x = self._bounded_input(center, perturbation)
+        with torch.no_grad():
+            self.module.compute_bounds(x=(x,), method="IBP", final_node_name=names[-1])
+        ibp = self._read(names)
+        if method == "ibp":
+            return ibp
+        if method == "crown-ibp":
+            result = {}
+            for name in names:
+                with torch.no_grad():
+                    self.module.compute_bounds(x=(x,), method="IBP", final_node_name=name)
+                    lb, ub = self.module.compute_bounds(x=(x,), method="CROWN-IBP",
+                                                        final_node_name=name)
+                lb, ub = lb.reshape(ibp[name][0].shape), ub.reshape(ibp[name][1].shape)
+                result[name] = (torch.maximum(lb, ibp[name][0]), torch.minimum(ub, ibp[name][1]))
+            return result
+        with torch.no_grad():
+            lb, ub = self.module.compute_bounds(x=(x,), method="CROWN", final_node_name=names[-1])
+        crown = self._read(names[:-1])
+        crown[names[-1]] = (lb.reshape(ibp[names[-1]][0].shape).detach(),
+                            ub.reshape(ibp[names[-1]][1].shape).detach())
+        crown = {n: (torch.maximum(crown[n][0], ibp[n][0]), torch.minimum(crown[n][1], ibp[n][1]))
+                 for n in names}
+        if method == "crown":
+            return crown
+        return self._alpha_crown(x, names, crown, alpha_iterations, alpha_lr)
+
+    def _alpha_crown(self, x: BoundedTensor, names: list[str],
+                     crown: dict[str, tuple[Tensor, Tensor]], iterations: int, lr: float
+                     ) -> dict[str, tuple[Tensor, Tensor]]:
+        """alpha-CROWN for each pre-activation node in order, earlier layers fixed."""
+        opt = self.module.bound_opts.setdefault("optimize_bound_args", {})
+        opt.update({"iteration": iterations, "lr_alpha": lr})
+        result: dict[str, tuple[Tensor, Tensor]] = {}
+        for k, name in enumerate(names):
+            if k == 0:  # the first pre-activation node of a chain: CROWN is exact over a box
+                result[name] = crown[name]
+                continue
+            fixed = {n: [result[n][0], result[n][1]] for n in names[:k]}
+            lb, ub = self.module.compute_bounds(
+                x=(x,), method="CROWN-Optimized", final_node_name=name,
+                **{_FIXED_BOUNDS_KW: fixed})
+            shape = crown[name][0].shape
+            lb, ub = lb.detach().reshape(shape), ub.detach().reshape(shape)
+            result[name] = (torch.maximum(lb, crown[name][0]), torch.minimum(ub, crown[name][1]))
+        return result

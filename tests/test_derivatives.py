@@ -1,0 +1,85 @@
+"""Derivative ranges (spec section 2) against dense sampling of sigma' on each interval."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rj_plugin.derivatives import get_activation
+from rj_plugin.errors import UnsupportedLayerError
+
+FUNCTIONS = {
+    "relu": torch.relu,
+    "leaky_relu:0.1": lambda z: torch.nn.functional.leaky_relu(z, 0.1),
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+    "arctan": torch.atan,
+    "softplus": torch.nn.functional.softplus,
+    "elu:1.0": torch.nn.functional.elu,
+    "elu:0.5": lambda z: torch.nn.functional.elu(z, 0.5),
+    "hardtanh": torch.nn.functional.hardtanh,
+}
+
+
+def _autograd_derivative(fn, z: torch.Tensor) -> torch.Tensor:
+    z = z.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(fn(z).sum(), z)
+    return g
+
+
+@pytest.mark.parametrize("name", sorted(FUNCTIONS))
+def test_range_contains_sampled_derivatives(name: str) -> None:
+    gen = torch.Generator().manual_seed(0)
+    act = get_activation(name)
+    centers = torch.randn(400, generator=gen, dtype=torch.float64) * 3
+    widths = torch.rand(400, generator=gen, dtype=torch.float64) ** 2 * 4
+    lower, upper = centers - widths, centers + widths
+    # intervals touching the kinks exactly, and degenerate ones
+    lower = torch.cat([lower, torch.tensor([0.0, -1.0, -2.0, 0.0, 1.0, -1.0], dtype=torch.float64)])
+    upper = torch.cat([upper, torch.tensor([0.0, 0.0, 0.0, 3.0, 1.0, 1.0], dtype=torch.float64)])
+    g_lo, g_hi = act.bounds(lower, upper)
+    t = torch.linspace(0, 1, 501, dtype=torch.float64)
+    z = lower[:, None] + t[None] * (upper - lower)[:, None]
+    d = _autograd_derivative(FUNCTIONS[name], z)
+    assert (d >= g_lo[:, None]).all() and (d <= g_hi[:, None]).all()
+    # tight: the sampled extremes come close to the bounds (within sampling resolution)
+    span = (g_hi - g_lo).clamp(min=1e-12)
+    assert ((d.amax(1) - g_hi).abs() / span).median() < 0.05
+    assert ((d.amin(1) - g_lo).abs() / span).median() < 0.05
+
+
+def test_relu_ties_cover_every_subgradient() -> None:
+    act = get_activation("relu")
+    lo, hi = act.bounds(torch.tensor([0.0, 0.0, -1.0]), torch.tensor([0.0, 1.0, 0.0]))
+    assert lo.tolist() == [0.0, 0.0, 0.0] and hi.tolist() == [1.0, 1.0, 1.0]
+    lo, hi = act.bounds(torch.tensor([0.5, -2.0]), torch.tensor([1.0, -1.0]))
+    assert lo.tolist() == [1.0, 0.0] and hi.tolist() == [1.0, 0.0]
+
+
+@pytest.mark.parametrize(("name", "expected"), [
+    ("relu", (0.0, 1.0)), ("leaky_relu:0.3", (0.3, 1.0)), ("tanh", (0.0, 1.0)),
+    ("sigmoid", (0.0, 0.25)), ("arctan", (0.0, 1.0))])
+def test_global_ranges(name: str, expected: tuple[float, float]) -> None:
+    lo, hi = get_activation(name).global_bounds(torch.zeros(3, dtype=torch.float64))
+    assert torch.allclose(lo, torch.full_like(lo, expected[0]), atol=1e-12)
+    assert torch.allclose(hi, torch.full_like(hi, expected[1]), rtol=1e-12)
+
+
+def test_point_interval_is_tight_to_ulps() -> None:
+    z = torch.linspace(-5, 5, 101, dtype=torch.float64)
+    lo, hi = get_activation("tanh").bounds(z, z)
+    exact = 1 - torch.tanh(z) ** 2
+    assert (lo <= exact + 1e-15).all() and (hi >= exact - 1e-15).all()
+    assert ((hi - lo) <= 1e-14).all()
+
+
+def test_unknown_and_invalid_activations_are_refused() -> None:
+    with pytest.raises(UnsupportedLayerError, match="unknown activation 'gelu'"):
+        get_activation("gelu")
+    with pytest.raises(UnsupportedLayerError, match="slope"):
+        get_activation("leaky_relu:-0.5")
+    with pytest.raises(UnsupportedLayerError, match="alpha"):
+        get_activation("elu:2")
+    assert math.isclose(get_activation("sigmoid").max_abs_derivative, 0.25)
