@@ -213,7 +213,13 @@ class LirpaGraph:
     def _alpha_crown(self, x: BoundedTensor, names: list[str],
                      crown: dict[str, tuple[Tensor, Tensor]], iterations: int, lr: float
                      ) -> dict[str, tuple[Tensor, Tensor]]:
-        """alpha-CROWN for each pre-activation node in order, earlier layers fixed."""
+        """alpha-CROWN for each pre-activation node in order, earlier layers fixed.
+
+        Without any optimisable activation in the graph (e.g. only leaky ReLU in auto_LiRPA 0.3)
+        there is nothing to optimise and the result is the CROWN bounds.
+        """
+        if not getattr(self.module, "optimizable_activations", None):
+            return crown
         opt = self.module.bound_opts.setdefault("optimize_bound_args", {})
         opt.update({"iteration": iterations, "lr_alpha": lr})
         result: dict[str, tuple[Tensor, Tensor]] = {}

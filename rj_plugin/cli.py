@@ -1,0 +1,156 @@
+"""The ``rj`` command line.
+
+    rj jacobian --model net.onnx --center x0.npy --eps 0.1 --norm inf --preact crown \\
+                --method recurjac --output out.json
+    rj jacobian --model net.onnx --vnnlib prop.vnnlib --output out.json      # the vnnlib box(es)
+    rj demo                                                                  # bundled digits MLPs
+
+Every failure is one line on stderr naming the problem (``rj: error: ...``) and exit status 2;
+result files are written atomically, so a failed run leaves none behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rj_plugin.errors import InputError, RJError
+
+DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
+def _load_array(path: str, what: str) -> np.ndarray:
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{what} file {path} does not exist")
+    try:
+        if p.suffix == ".npy":
+            return np.load(p, allow_pickle=False)
+        if p.suffix in (".txt", ".csv"):
+            return np.loadtxt(p, delimiter="," if p.suffix == ".csv" else None, ndmin=1)
+    except Exception as exc:  # noqa: BLE001 - any reader failure is a bad input file
+        raise InputError(f"cannot read {what} file {path}: {exc}") from None
+    raise InputError(f"{what} file {path}: unknown extension {p.suffix!r} (use .npy, .txt, .csv)")
+
+
+def _jacobian_command(args: argparse.Namespace) -> int:
+    from rj_plugin.api import JacobianBounder
+    from rj_plugin.io.results import atomic_write_json, package_versions
+    from rj_plugin.io.vnnlib import read_vnnlib
+
+    dtype = DTYPES[args.dtype]
+    bounder = JacobianBounder(args.model, dtype=dtype, device=args.device)
+    shape = bounder.input_shape
+    if args.vnnlib:
+        spec = read_vnnlib(args.vnnlib)
+        if spec.n_inputs != math.prod(shape):
+            raise InputError(f"{args.vnnlib} declares {spec.n_inputs} inputs; the model takes "
+                             f"{math.prod(shape)}")
+        lower = np.stack([b[0] for b in spec.input_boxes]).reshape(-1, *shape)
+        upper = np.stack([b[1] for b in spec.input_boxes]).reshape(-1, *shape)
+        region = bounder.region(lower=lower, upper=upper)
+    elif args.lower or args.upper:
+        if not (args.lower and args.upper):
+            raise InputError("--lower and --upper go together")
+        region = bounder.region(lower=_load_array(args.lower, "lower"),
+                                upper=_load_array(args.upper, "upper"))
+    else:
+        if args.center is None:
+            raise InputError("give --center with --eps, a box (--lower/--upper), or --vnnlib")
+        center = _load_array(args.center, "center")
+        if center.size == math.prod(shape) and center.shape != shape:
+            center = center.reshape(shape)
+        region = bounder.region(center, args.eps, args.norm, unbounded=args.global_bounds)
+    C = _load_array(args.spec, "spec") if args.spec else None
+    jb = bounder.bound(region, preact=args.preact, method=args.method, C=C,
+                       alpha_iterations=args.alpha_iterations, alpha_lr=args.alpha_lr)
+    lip = jb.lipschitz()
+    result = {
+        "model": str(args.model),
+        "input_shape": list(shape),
+        "region": region.describe(),
+        "options": {"preact": args.preact, "method": args.method, "dtype": args.dtype,
+                    "device": args.device, "norm": args.norm, "eps": args.eps,
+                    "alpha_iterations": args.alpha_iterations, "alpha_lr": args.alpha_lr,
+                    "spec": args.spec, "global": args.global_bounds},
+        "rows": jb.n_out,
+        "lower": jb.lower.tolist(),
+        "upper": jb.upper.tolist(),
+        "lipschitz": {"dual_norm": "1" if math.isinf(region.norm) else
+                      ("inf" if region.norm == 1 else "2"), "per_row": lip.tolist(),
+                      "induced": jb.induced_norm().tolist()},
+        "timings": {"build_s": bounder.build_seconds, **jb.timings},
+        "versions": package_versions(),
+    }
+    if args.output:
+        atomic_write_json(args.output, result)
+    for b in range(jb.batch):
+        width = (jb.upper[b] - jb.lower[b]).mean().item()
+        vals = ", ".join(f"{v:.4g}" for v in lip[b].tolist())
+        print(f"input {b}: mean bound width {width:.4g}; Lipschitz per row: {vals}")
+    if args.output:
+        print(f"wrote {args.output}")
+    return 0
+
+
+def _demo_command(args: argparse.Namespace) -> int:
+    from rj_plugin.demo import run_demo
+
+    return run_demo(images=args.images, eps_values=args.eps)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rj", description="Certified Jacobian bounds (RecurJac)"
+                                     " on auto_LiRPA's graph.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    jac = sub.add_parser("jacobian", help="bound the Jacobian of a model over an input region")
+    jac.add_argument("--model", required=True, help=".onnx, .pt, or a demo name (digits-relu)")
+    jac.add_argument("--center", help="x0 as .npy/.txt/.csv ([*input_shape] or a batch)")
+    jac.add_argument("--eps", type=float, help="radius of the l_p ball")
+    jac.add_argument("--norm", default="inf", choices=["1", "2", "inf"])
+    jac.add_argument("--lower", help="box lower corner (.npy/.txt/.csv)")
+    jac.add_argument("--upper", help="box upper corner (.npy/.txt/.csv)")
+    jac.add_argument("--vnnlib", help="take the input box(es) from a VNN-LIB file")
+    jac.add_argument("--global", dest="global_bounds", action="store_true",
+                     help="bound over the whole input space (center gives the shape)")
+    jac.add_argument("--spec", help="a matrix C (.npy) to bound the Jacobian of C f(x)")
+    jac.add_argument("--preact", default="crown",
+                     choices=["ibp", "crown", "crown-ibp", "alpha-crown"])
+    jac.add_argument("--method", default="recurjac", choices=["recurjac", "fastlip", "interval"])
+    jac.add_argument("--alpha-iterations", type=int, default=20)
+    jac.add_argument("--alpha-lr", type=float, default=0.1)
+    jac.add_argument("--dtype", default="float64", choices=sorted(DTYPES))
+    jac.add_argument("--device", default="cpu")
+    jac.add_argument("--output", help="write the results as JSON here")
+    jac.set_defaults(func=_jacobian_command)
+    demo = sub.add_parser("demo", help="bounds and Lipschitz constants on the bundled digits MLPs")
+    demo.add_argument("--images", type=int, default=3, help="test images per model")
+    demo.add_argument("--eps", type=float, nargs="+", default=[0.0, 0.01, 0.03, 0.1])
+    demo.set_defaults(func=_demo_command)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    start = time.perf_counter()
+    try:
+        code = args.func(args)
+    except RJError as exc:
+        print(f"rj: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("rj: interrupted", file=sys.stderr)
+        return 130
+    if getattr(args, "verbose", False):
+        print(f"done in {time.perf_counter() - start:.1f}s")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

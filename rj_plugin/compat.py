@@ -1,0 +1,643 @@
+"""Compatibility patches that make auto-LiRPA 0.3 run on torch 2.x and numpy 2.
+
+auto-LiRPA 0.3 (2022) was written against torch 1.11/1.12 and numpy 1.x.  On the versions pinned
+by this project (torch 2.14, numpy 2) it cannot even be imported, and once it imports, several
+code paths break -- one of them silently (alpha-CROWN degenerating to plain CROWN, see
+:func:`_patch_alpha_clamp_gradient`).  Every patch lives here, so the rest of the plugin can use
+auto_LiRPA as if nothing were wrong.
+
+Each patch is a small function that
+
+* checks whether its problem actually exists (by looking for the missing attribute, probing the
+  behaviour, or checking that the code to be replaced is 0.3's -- never by comparing version
+  strings), and returns ``False`` without touching anything when it does not: where a later
+  auto_LiRPA release (0.4-0.7) changed the code a patch targets, that patch does nothing (only
+  0.3 is installed and tested here);
+* otherwise installs the smallest fix it can and returns ``True``.
+
+0.3 bugs that can be avoided by options are not patched: see :func:`default_bound_opts`.
+
+Usage::
+
+    from rj_plugin import compat
+    auto_LiRPA = compat.import_auto_lirpa()          # or: compat.apply(); import auto_LiRPA
+    model = auto_LiRPA.BoundedModule(net, x, bound_opts=compat.default_bound_opts())
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+import sys
+import types
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+__all__ = ["applied", "apply", "default_bound_opts", "import_auto_lirpa"]
+
+# Names of the patches applied in this process, in the order they were applied.
+_APPLIED: list[str] = []
+# Private switch for the test-suite: when False, the alpha clamp-gradient patch is not installed
+# (and, if already installed, its straight-through gradient is bypassed at run time).  It exists
+# only so that a test can check that alpha-CROWN really depends on this patch.
+_ALPHA_STE_ENABLED = True
+# Marker attribute set on every function/class we replace, so re-applying is a no-op.
+_MARK = "_rj_compat_patch"
+
+
+def _mark(fn: Any, name: str) -> Any:
+    setattr(fn, _MARK, name)
+    return fn
+
+
+def _is_marked(obj: Any) -> bool:
+    return getattr(obj, _MARK, None) is not None
+
+
+def _record(name: str) -> None:
+    if name not in _APPLIED:
+        _APPLIED.append(name)
+
+
+# -------------------------------------------------------------------------------------------------
+# Pre-import patches (must be in place before ``import auto_LiRPA``).
+# -------------------------------------------------------------------------------------------------
+
+
+def _patch_numpy_arraysetops() -> bool:
+    """Re-create ``numpy.lib.arraysetops`` (numpy 2 removed it).
+
+    What broke: auto_LiRPA 0.3 ``operators/base.py`` does ``from numpy.lib.arraysetops import
+    isin``.  numpy 2.0 made that module private (``numpy.lib._arraysetops_impl``), so
+    ``import auto_LiRPA`` raises ``ModuleNotFoundError`` on numpy >= 2.
+    Why it is correct: the set routines are the same functions, still public as ``numpy.isin``
+    etc.; we register a module object under the old name that exposes them.
+    Guard: only when ``import numpy.lib.arraysetops`` fails.
+    """
+    try:
+        importlib.import_module("numpy.lib.arraysetops")
+        return False
+    except ImportError:
+        pass
+    import numpy as np
+
+    mod = types.ModuleType("numpy.lib.arraysetops")
+    mod.__doc__ = "rj_plugin.compat alias of the numpy 1.x set routines (removed in numpy 2)."
+    for name in ("ediff1d", "intersect1d", "isin", "setdiff1d", "setxor1d", "union1d", "unique"):
+        if hasattr(np, name):
+            setattr(mod, name, getattr(np, name))
+    setattr(mod, _MARK, "numpy_arraysetops")
+    sys.modules["numpy.lib.arraysetops"] = mod
+    np.lib.arraysetops = mod  # type: ignore[attr-defined]
+    return True
+
+
+def _patch_onnx_set_opset_version() -> bool:
+    """Restore ``torch.onnx.symbolic_helper._set_opset_version``.
+
+    What broke: auto_LiRPA 0.3 ``parse_graph.py`` does ``from torch.onnx.symbolic_helper import
+    _set_opset_version`` and calls ``_set_opset_version(12)`` before ``_optimize_graph``.  The
+    TorchScript ONNX exporter moved to ``torch.onnx._internal.torchscript_exporter``;
+    ``torch.onnx.symbolic_helper`` is now only a star re-export of
+    ``torch.onnx._internal.torchscript_exporter.symbolic_helper`` (private names are not
+    re-exported), and ``_set_opset_version`` itself no longer exists anywhere in torch 2.14, so
+    ``import auto_LiRPA`` raises ``ImportError``.
+    Why it is correct: in the torch releases that had it (1.13-2.x) its body was
+    ``GLOBALS.export_onnx_opset_version = opset_version``; ``GLOBALS`` now lives in
+    ``torch.onnx._internal.torchscript_exporter._globals`` (formerly ``torch.onnx._globals``) and
+    is what ``_optimize_graph`` reads the opset version from.  We re-add that function (or alias
+    the real one if some torch version still has it in the new location).
+    Guard: only when ``torch.onnx.symbolic_helper`` lacks the attribute.
+    """
+    helper = importlib.import_module("torch.onnx.symbolic_helper")
+    if hasattr(helper, "_set_opset_version"):
+        return False
+    moved = _first_attr(
+        "_set_opset_version", ("torch.onnx._internal.torchscript_exporter.symbolic_helper",)
+    )
+    if moved is None:
+        onnx_globals = _first_attr(
+            "GLOBALS",
+            ("torch.onnx._internal.torchscript_exporter._globals", "torch.onnx._globals"),
+        )
+        if onnx_globals is None:
+            raise ImportError("rj_plugin.compat: cannot find torch's ONNX exporter GLOBALS")
+
+        def _set_opset_version(opset_version: int) -> None:
+            """Set the opset version used by the TorchScript ONNX passes (torch 1.x API)."""
+            onnx_globals.export_onnx_opset_version = opset_version
+
+        moved = _mark(_set_opset_version, "onnx_set_opset_version")
+    helper._set_opset_version = moved
+    return True
+
+
+def _first_attr(name: str, modules: tuple[str, ...]) -> Any:
+    """``getattr(module, name)`` for the first importable module that has it, else ``None``."""
+    for mod_name in modules:
+        try:
+            value = getattr(importlib.import_module(mod_name), name, None)
+        except ImportError:
+            continue
+        if value is not None:
+            return value
+    return None
+
+
+def _patch_onnx_optimize_graph() -> bool:
+    """Restore ``torch.onnx.utils._optimize_graph`` if it is no longer re-exported.
+
+    What broke / may break: auto_LiRPA 0.3 ``parse_graph.py`` does ``from torch.onnx.utils import
+    _optimize_graph``.  The function moved to ``torch.onnx._internal.torchscript_exporter.utils``
+    ``torch.onnx.utils`` is now a star re-export of that module.  torch 2.14 still
+    lists ``_optimize_graph`` in the new module's ``__all__``, so on the pinned torch this patch
+    is a no-op; it keeps the import working if the name is dropped from the re-export.
+    Why it is correct: it is the very same function object, same signature.
+    Guard: only when ``torch.onnx.utils`` lacks the attribute.
+    """
+    utils = importlib.import_module("torch.onnx.utils")
+    if hasattr(utils, "_optimize_graph"):
+        return False
+    moved = _first_attr("_optimize_graph", ("torch.onnx._internal.torchscript_exporter.utils",))
+    if moved is None:
+        raise ImportError("rj_plugin.compat: cannot find torch's ONNX _optimize_graph")
+    utils._optimize_graph = moved
+    return True
+
+
+def _node_getitem(node: torch._C.Node, name: str) -> Any:
+    """``node[name]``: the value of attribute ``name`` of a TorchScript node (torch 1.x API)."""
+    kind = node.kindOf(name)  # "f", "fs", "i", "is", "s", "ss", "t", "ts", "g", "gs", "ty", ...
+    getter = getattr(node, kind, None)
+    if getter is None:
+        raise KeyError(f"rj_plugin.compat: unsupported attribute kind {kind!r} for {name!r}")
+    return getter(name)
+
+
+def _patch_node_getitem() -> bool:
+    """Re-add ``torch._C.Node.__getitem__`` (attribute access by name).
+
+    What broke: auto_LiRPA 0.3 ``parse_graph.parse_graph`` reads node attributes with
+    ``{k: n[k] for k in n.attributeNames()}``.  The pybind ``Node.__getitem__`` of the torch 1.x
+    releases 0.3 was written for does not exist in torch 2.14, so parsing any model with an
+    attributed ONNX node (Gemm's alpha/beta, Flatten's axis, LeakyRelu's alpha, ...) raises
+    ``TypeError: 'torch._C.Node' object is not subscriptable``.
+    Why it is correct: the old ``__getitem__`` dispatched on ``kindOf(name)`` to the typed getter;
+    torch still exposes ``kindOf`` and getters named exactly like the kinds (``f``, ``i``, ``s``,
+    ``t``, ``fs``, ``is``, ``ss``, ``ts``, ``g``, ``gs``, ``ty``, ``tys``, ``ival``, ``c``, ...).
+    Note the list-of-ints getter is ``is`` (``is_`` is its *setter*), hence ``getattr``.
+    Guard: only when ``torch._C.Node`` has no ``__getitem__``.
+    """
+    if hasattr(torch._C.Node, "__getitem__"):
+        return False
+    torch._C.Node.__getitem__ = _mark(_node_getitem, "node_getitem")  # type: ignore[method-assign]
+    return True
+
+
+# -------------------------------------------------------------------------------------------------
+# Post-import patches (patch auto_LiRPA classes; applied right after importing it).
+# -------------------------------------------------------------------------------------------------
+
+
+def _patch_named_members(al: types.ModuleType) -> bool:
+    """Let ``BoundedModule._named_members`` accept torch 2's ``remove_duplicate`` keyword.
+
+    What broke: auto_LiRPA 0.3 overrides ``nn.Module._named_members(get_members_fn, prefix='',
+    recurse=True)`` on ``BoundedModule`` (to translate node names back to the original parameter
+    names) and ``BoundDataParallel`` (to forward to the wrapped module).  torch 2.x's
+    ``nn.Module.parameters()`` / ``named_parameters()`` / ``buffers()`` call it with
+    ``remove_duplicate=...``, so ``list(bounded_module.parameters())`` raises ``TypeError``.
+    0.3 itself calls ``list(self.parameters())`` in ``backward_bound.get_sparse_C`` (dtype of the
+    identity C for intermediate nodes that are not Linear/MatMul, e.g. an ``Add``/``Sub`` feeding a
+    ReLU in ``conv_mode='matrix'``), so this also breaks ``compute_bounds`` on such models.
+    Why it is correct: the replacement delegates to torch's own ``nn.Module._named_members`` (same
+    duplicate handling as torch, including ``remove_duplicate=False``) and then applies exactly
+    0.3's renaming (``name -> self.node_name_map[name]`` when present).
+    Guard: only for classes that define their own ``_named_members`` without ``remove_duplicate``,
+    and only when torch's ``nn.Module._named_members`` takes ``remove_duplicate``.
+    """
+    if "remove_duplicate" not in inspect.signature(torch.nn.Module._named_members).parameters:
+        return False
+    patched = False
+    bounded_module = getattr(al, "BoundedModule", None)
+    if bounded_module is not None and _needs_named_members_fix(bounded_module):
+
+        def _named_members(
+            self: Any,
+            get_members_fn: Callable[[torch.nn.Module], Any],
+            prefix: str = "",
+            recurse: bool = True,
+            remove_duplicate: bool = True,
+        ) -> Iterator[tuple[str, Any]]:
+            name_map = getattr(self, "node_name_map", {})
+            for name, value in torch.nn.Module._named_members(
+                self,
+                get_members_fn,
+                prefix=prefix,
+                recurse=recurse,
+                remove_duplicate=remove_duplicate,
+            ):
+                yield name_map.get(name, name), value
+
+        bounded_module._named_members = _mark(_named_members, "named_members")
+        patched = True
+    data_parallel = getattr(al, "BoundDataParallel", None)
+    if data_parallel is not None and _needs_named_members_fix(data_parallel):
+
+        def _dp_named_members(
+            self: Any,
+            get_members_fn: Callable[[torch.nn.Module], Any],
+            prefix: str = "",
+            recurse: bool = True,
+            remove_duplicate: bool = True,
+        ) -> Iterator[tuple[str, Any]]:
+            return self.module._named_members(
+                get_members_fn, prefix, recurse, remove_duplicate=remove_duplicate
+            )
+
+        data_parallel._named_members = _mark(_dp_named_members, "named_members")
+        patched = True
+    return patched
+
+
+def _needs_named_members_fix(cls: type) -> bool:
+    """True when ``cls`` overrides ``_named_members`` with the torch 1.x signature."""
+    own = cls.__dict__.get("_named_members")
+    if own is None or _is_marked(own):
+        return False
+    params = inspect.signature(own).parameters
+    has_var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    return "remove_duplicate" not in params and not has_var_kw
+
+
+def _clamp_grad_vanishes_at_bounds() -> bool:
+    """Autograd probe: does ``torch.clamp(x, 0, 1)`` have zero gradient at ``x = 0`` and ``x = 1``?
+
+    torch 1.x and torch <= 2.13 pass the gradient through at the bounds (mask ``lo <= x <= hi``);
+    torch 2.14 gives 0 exactly at the bounds (only strictly inside the interval does it pass).
+    """
+    x = torch.tensor([0.0, 1.0], dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(torch.clamp(x, min=0.0, max=1.0).sum(), x)
+    return bool((grad == 0).any())
+
+
+def _clamp_pass_through(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """``torch.clamp(x, lo, hi)`` with the torch <= 2.13 gradient: 1 on ``[lo, hi]``, 0 outside.
+
+    The value is bit-for-bit ``torch.clamp(x, lo, hi)`` (inside the interval it *is* ``x``).  Only
+    the gradient at the two end points differs from torch 2.14's clamp: it passes through, as the
+    (sub)gradient of a projected parameter should, instead of being cut to 0.
+    """
+    inside = (x >= lo) & (x <= hi)
+    return torch.where(inside, x, torch.clamp(x, min=lo, max=hi).detach())
+
+
+def _relu_mask_alpha_pass_through(
+    lower: torch.Tensor,
+    upper: torch.Tensor,
+    lb_lower_d: torch.Tensor | None,
+    ub_lower_d: torch.Tensor | None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    """auto_LiRPA 0.3's ``BoundRelu._relu_mask_alpha`` with a gradient-passing alpha clamp."""
+    clamp = (
+        _clamp_pass_through
+        if _ALPHA_STE_ENABLED
+        else (lambda t, lo, hi: torch.clamp(t, min=lo, max=hi))
+    )
+    lower_mask = (lower >= 0).requires_grad_(False).to(lower.dtype)
+    upper_mask = (upper <= 0).requires_grad_(False)
+    zero_coeffs = upper_mask.all()
+    no_mask = (1.0 - lower_mask) * (1.0 - upper_mask.to(upper.dtype))
+    if lb_lower_d is not None:
+        lb_lower_d = clamp(lb_lower_d, 0.0, 1.0) * no_mask + lower_mask
+    if ub_lower_d is not None:
+        ub_lower_d = clamp(ub_lower_d, 0.0, 1.0) * no_mask + lower_mask
+    return lb_lower_d, ub_lower_d, zero_coeffs
+
+
+def _matches_03_relu_mask_alpha(fn: Callable[..., Any]) -> bool:
+    """Behavioural check that ``fn`` is 0.3's ``_relu_mask_alpha`` and that it blocks gradients.
+
+    The replacement must compute exactly what the original computes; we compare values on a
+    probe that covers every case (stable-active, stable-inactive, unstable; alpha below, at and
+    above [0, 1]) and check that the original indeed returns a zero gradient for an alpha at 0/1.
+    """
+    lower = torch.tensor([-1.0, -1.0, -1.0, -1.0, -1.0, 0.5, -2.0], dtype=torch.float64)
+    upper = torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 2.0, -0.5], dtype=torch.float64)
+    alpha = torch.tensor([0.0, 1.0, 0.3, -0.2, 1.4, 0.0, 1.0], dtype=torch.float64)
+    a_orig = alpha.clone().requires_grad_(True)
+    try:
+        lb, ub, zero = fn(lower, upper, a_orig, a_orig * 1.0)
+    except Exception:  # noqa: BLE001 - different signature/semantics: not the 0.3 function
+        return False
+    lb_ref, ub_ref, zero_ref = _relu_mask_alpha_pass_through(lower, upper, alpha, alpha)
+    if lb is None or ub is None or not torch.equal(lb.detach(), lb_ref):
+        return False
+    if not torch.equal(ub.detach(), ub_ref) or bool(zero) != bool(zero_ref):
+        return False
+    (grad,) = torch.autograd.grad(lb[:2].sum(), a_orig)
+    return bool((grad[:2] == 0).all())
+
+
+def _patch_alpha_clamp_gradient(al: types.ModuleType) -> bool:
+    """Make alpha-CROWN's ReLU slopes trainable again on torch 2.14.
+
+    What broke: alpha-CROWN ('CROWN-Optimized') initialises every unstable ReLU's lower slope alpha
+    to exactly 0 or 1 (CROWN's adaptive choice) and, in ``BoundRelu._relu_mask_alpha``, reads it
+    through ``torch.clamp(alpha, min=0., max=1.)``.  Up to torch 2.13 clamp's gradient is 1 on the
+    closed interval, so Adam moves the alphas (and ``clip_alpha_`` projects them back into
+    [0, 1] after each step, on ``.data``, outside autograd).  On torch 2.14 clamp's gradient is 0
+    *at* the bounds, so every alpha gets a zero gradient forever: alpha-CROWN silently returns
+    exactly the CROWN bound.  (Found by comparing 'CROWN' and 'CROWN-Optimized' bounds.)
+    Why it is correct: the replacement computes the identical value (bit-for-bit, checked by a
+    probe at install time) and only restores the closed-interval gradient of the clamp, i.e. the
+    projected-gradient behaviour alpha-CROWN was designed and tested with.  Soundness does not
+    depend on gradients at all: any alpha in [0, 1] gives a valid bound.
+    Narrowness: only ``BoundRelu._relu_mask_alpha`` (the one place where 0.3 reads ReLU alphas
+    through a clamp inside autograd) is replaced; ``torch.clamp`` is untouched for everyone else.
+    Guard: only when the autograd probe shows clamp's gradient vanishing at the bounds, and the
+    existing ``_relu_mask_alpha`` behaves exactly like 0.3's and blocks the gradient.
+    """
+    if not _ALPHA_STE_ENABLED or not _clamp_grad_vanishes_at_bounds():
+        return False
+    relu = getattr(getattr(al, "operators", None), "BoundRelu", None)
+    if relu is None:
+        return False
+    current = relu.__dict__.get("_relu_mask_alpha")
+    if current is None or _is_marked(
+        current.__func__ if isinstance(current, staticmethod) else current
+    ):
+        return False
+    fn = current.__func__ if isinstance(current, staticmethod) else current
+    if not _matches_03_relu_mask_alpha(fn):
+        return False
+    relu._relu_mask_alpha = staticmethod(_mark(_relu_mask_alpha_pass_through, "alpha_clamp_grad"))
+    return True
+
+
+def _source(obj: Any) -> str:
+    try:
+        return inspect.getsource(obj)
+    except (OSError, TypeError):
+        return ""
+
+
+def _patch_alpha_dtype(al: types.ModuleType) -> bool:
+    """Create alpha-CROWN's optimisable slopes in the model's dtype (float64 models).
+
+    What broke: auto_LiRPA 0.3 creates the alphas with a hard-coded float32 dtype
+    (``BoundRelu.init_opt_parameters``: ``dtype=torch.float``; ``BoundTanh`` -- hence
+    ``BoundSigmoid`` / ``BoundAtan`` -- : ``torch.empty(...)`` with the default dtype).  For a
+    float64 model, 'CROWN-Optimized' then returns float32 bounds for ReLU nets (the alphas pull
+    the whole bound computation down to float32 -- rounding that a certified bound must not
+    have), and fails for Tanh/Sigmoid/atan nets with ``RuntimeError: Index put requires the
+    source and destination dtypes match``.  This is independent of the torch version.
+    Why it is correct: right after the original ``init_opt_parameters`` we replace every alpha
+    whose floating dtype differs from the layer input's bounds by the same values converted to
+    that dtype (a fresh leaf with ``requires_grad``, exactly how 0.3 creates them; the optimizer
+    is built afterwards from ``node.alpha``).  A float32 model is untouched.
+    Guard: only for classes whose ``init_opt_parameters`` source never mentions the input's
+    ``.dtype``; at run time, only alphas whose dtype actually differs are converted.
+    """
+    ops = getattr(al, "operators", None)
+    patched = False
+    for cls_name in ("BoundRelu", "BoundTanh"):
+        cls = getattr(ops, cls_name, None)
+        original = None if cls is None else cls.__dict__.get("init_opt_parameters")
+        if original is None or _is_marked(original) or ".dtype" in _source(original):
+            continue
+        cls.init_opt_parameters = _mark(_alpha_dtype_wrapper(original), "alpha_dtype")
+        patched = True
+    return patched
+
+
+def _alpha_dtype_wrapper(original: Callable[..., Any]) -> Callable[..., Any]:
+    def init_opt_parameters(self: Any, start_nodes: Any) -> Any:
+        result = original(self, start_nodes)
+        ref = getattr(self.inputs[0], "lower", None)
+        alphas = getattr(self, "alpha", None)
+        if isinstance(ref, torch.Tensor) and isinstance(alphas, dict):
+            for key, value in list(alphas.items()):
+                if (
+                    isinstance(value, torch.Tensor)
+                    and value.is_floating_point()
+                    and value.dtype != ref.dtype
+                ):
+                    alphas[key] = value.detach().to(ref.dtype).requires_grad_(True)
+        return result
+
+    init_opt_parameters.__doc__ = original.__doc__
+    return init_opt_parameters
+
+
+def _patch_sshape_table_dtype(al: types.ModuleType) -> bool:
+    """Use tangent-point tables of the model's dtype for Tanh / Sigmoid / atan relaxations.
+
+    What broke: ``BoundTanh.precompute_relaxation`` (shared by ``BoundSigmoid`` and
+    ``BoundAtan``) builds its lookup tables ``d_lower`` / ``d_upper`` of pre-computed tangent
+    points once, in the default dtype (float32), when the node is created.  For a float64 model,
+    'CROWN', 'CROWN-IBP' and 'CROWN-Optimized' all fail in ``add_linear_relaxation`` with
+    ``Index put requires the source and destination dtypes match`` (float32 intercepts written
+    into float64 buffers).  Independent of the torch version.
+    Why it is correct: merely casting the float32 tables would keep tangent points whose
+    validity was only checked in float32 arithmetic; instead, the first time a relaxation is
+    built for another dtype we re-run auto_LiRPA's own ``precompute_relaxation`` (same function,
+    same ``func``/``dfunc``, same ``x_limit``) with that dtype as the default dtype, cache the
+    tables per dtype, and use the ones matching the input bounds.  float32 models are untouched.
+    Guard: only when ``BoundTanh`` has 0.3's ``precompute_relaxation(name, func, dfunc, x_limit)``
+    and ``bound_relax_impl(x, func, dfunc)``; at run time only when the dtypes differ.
+    """
+    cls = getattr(getattr(al, "operators", None), "BoundTanh", None)
+    if cls is None:
+        return False
+    precompute = cls.__dict__.get("precompute_relaxation")
+    impl = cls.__dict__.get("bound_relax_impl")
+    if precompute is None or impl is None or _is_marked(impl):
+        return False
+    if list(inspect.signature(precompute).parameters)[:4] != ["self", "name", "func", "dfunc"]:
+        return False
+    if list(inspect.signature(impl).parameters) != ["self", "x", "func", "dfunc"]:
+        return False
+
+    def bound_relax_impl(
+        self: Any, x: Any, func: Callable[..., Any], dfunc: Callable[..., Any]
+    ) -> Any:
+        dtype = x.lower.dtype
+        table = getattr(self, "d_lower", None)
+        if isinstance(table, torch.Tensor) and table.dtype != dtype and dtype.is_floating_point:
+            cache = self.__dict__.setdefault("_rj_compat_tables", {})
+            cache.setdefault(table.dtype, (self.d_lower, self.d_upper))
+            if dtype not in cache:
+                previous = torch.get_default_dtype()
+                torch.set_default_dtype(dtype)
+                try:
+                    precompute(self, "rj_compat", func, dfunc, x_limit=self.x_limit)
+                finally:
+                    torch.set_default_dtype(previous)
+                cache[dtype] = (self.d_lower.to(dtype), self.d_upper.to(dtype))
+            self.d_lower, self.d_upper = cache[dtype]
+        return impl(self, x, func, dfunc)
+
+    bound_relax_impl.__doc__ = impl.__doc__
+    cls.bound_relax_impl = _mark(bound_relax_impl, "sshape_table_dtype")
+    return True
+
+
+def _model_dtype(module: Any, x: Any) -> torch.dtype | None:
+    """Floating dtype of the bounded input (or, failing that, of the module's parameters)."""
+    candidates: list[Any] = []
+    if isinstance(x, (tuple, list)):
+        candidates.extend(x)
+    elif x is not None:
+        candidates.append(x)
+    for value in candidates:
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            return value.dtype
+    for param in torch.nn.Module.parameters(module):
+        if param.is_floating_point():
+            return param.dtype
+    return None
+
+
+def _patch_optimize_in_model_dtype(al: types.ModuleType) -> bool:
+    """Run alpha-CROWN's optimisation loop with the model's dtype as torch's default dtype.
+
+    What broke: auto_LiRPA 0.3's ``get_optimized_bounds`` casts the best bounds to
+    ``torch.get_default_dtype()`` in the last iteration (and tensors it creates follow the
+    default dtype).  For a float64 model under the usual float32 default, the returned bounds are
+    rounded to float32 to nearest (not outward: a certified bound may move past the true value),
+    and once the alphas are float64 (``alpha_dtype`` patch) the loop fails with ``Index put
+    requires the source and destination dtypes match``.  Independent of the torch version.
+    Why it is correct: the optimisation is exactly the same; only the dtype that auto_LiRPA
+    takes as "default" inside this call equals the dtype of the bounded input, so no cast
+    happens.  The previous default dtype is restored on exit (also on errors).
+    Guard: only when ``get_optimized_bounds`` casts to ``torch.get_default_dtype()``; at run time
+    only when the input dtype differs from the default dtype.
+    """
+    cls = getattr(al, "BoundedModule", None)
+    original = None if cls is None else getattr(cls, "get_optimized_bounds", None)
+    if original is None or _is_marked(original):
+        return False
+    if "get_default_dtype()" not in _source(original):
+        return False
+
+    def get_optimized_bounds(self: Any, x: Any = None, *args: Any, **kwargs: Any) -> Any:
+        dtype = _model_dtype(self, x)
+        previous = torch.get_default_dtype()
+        if dtype is None or dtype == previous or dtype not in (torch.float32, torch.float64):
+            return original(self, x, *args, **kwargs)
+        torch.set_default_dtype(dtype)
+        try:
+            return original(self, x, *args, **kwargs)
+        finally:
+            torch.set_default_dtype(previous)
+
+    get_optimized_bounds.__doc__ = original.__doc__
+    cls.get_optimized_bounds = _mark(get_optimized_bounds, "optimize_in_model_dtype")
+    return True
+
+
+# -------------------------------------------------------------------------------------------------
+# Public API
+# -------------------------------------------------------------------------------------------------
+
+_PRE_IMPORT: tuple[tuple[str, Callable[[], bool]], ...] = (
+    ("numpy_arraysetops", _patch_numpy_arraysetops),
+    ("onnx_set_opset_version", _patch_onnx_set_opset_version),
+    ("onnx_optimize_graph", _patch_onnx_optimize_graph),
+    ("node_getitem", _patch_node_getitem),
+)
+_POST_IMPORT: tuple[tuple[str, Callable[[types.ModuleType], bool]], ...] = (
+    ("named_members", _patch_named_members),
+    ("alpha_clamp_grad", _patch_alpha_clamp_gradient),
+    ("alpha_dtype", _patch_alpha_dtype),
+    ("sshape_table_dtype", _patch_sshape_table_dtype),
+    ("optimize_in_model_dtype", _patch_optimize_in_model_dtype),
+)
+
+
+def default_bound_opts() -> dict[str, Any]:
+    """The ``bound_opts`` the plugin passes to ``BoundedModule`` (a fresh dict on every call).
+
+    * ``conv_mode='matrix'``: with 0.3's default ``'patches'``, CROWN / alpha-CROWN raise
+      ``IndexError: tuple index out of range`` on dense nets as soon as an ``Add``/``Sub`` node
+      needs intermediate bounds (e.g. ``relu(linear(x) + c)``, residual sums); 'matrix' is the
+      right mode for dense nets anyway.
+    * ``sparse_spec_alpha=False``: avoids 0.3's ``assert self.alpha_lookup_idx[...] is None`` in
+      ``BoundRelu._backward_relaxation`` when IBP says a neuron of a layer is unstable while
+      CROWN proved the whole layer stable (sparse alpha of size 0 is created, then indexed).
+    * ``sparse_features_alpha=False``: avoids 0.3's full-alpha bug when more than
+      ``minimum_sparsity`` (90 %) of a ReLU layer is unstable (``alpha_indices`` is only reset
+      when ``verbosity > 0``, so a full alpha is later scattered as if sparse -> shape error).
+    * ``sparse_intermediate_bounds=False``: compute CROWN bounds for *every* pre-activation
+      neuron.  With 0.3's default (True) CROWN is run only for neurons that IBP finds unstable and
+      the IBP interval is kept for the others, so ``node.lower``/``node.upper`` are a mix of IBP
+      and CROWN values.
+
+    All four keys exist (and are harmless) in auto_LiRPA 0.4-0.7 too; ``BoundedModule`` ignores
+    unknown keys in every version, so the same dict is returned everywhere.
+    """
+    return {
+        "conv_mode": "matrix",
+        "sparse_spec_alpha": False,
+        "sparse_features_alpha": False,
+        "sparse_intermediate_bounds": False,
+    }
+
+
+def apply() -> tuple[str, ...]:
+    """Apply every needed patch (idempotent; safe to call many times).
+
+    Must be called BEFORE ``import auto_LiRPA`` (the import itself fails without the first
+    patches).  After the pre-import patches, this function imports auto_LiRPA itself to patch its
+    classes.  Returns the names of the patches that were actually applied in this process (by this
+    call or an earlier one), in order.
+    """
+    for name, patch in _PRE_IMPORT:
+        if name not in _APPLIED and patch():
+            _record(name)
+    al = _quiet_import("auto_LiRPA")
+    for name, post_patch in _POST_IMPORT:
+        if name not in _APPLIED and post_patch(al):
+            _record(name)
+    return applied()
+
+
+def _quiet_import(name: str) -> types.ModuleType:
+    """Import ``name`` without two harmless, noisy messages auto_LiRPA 0.3 triggers on torch 2.x.
+
+    (``FutureWarning: torch.jit.script is deprecated`` from its ``@torch.jit.script`` helpers, and
+    ``No CUDA runtime is found`` logged by ``torch.utils.cpp_extension`` on CPU-only machines.)
+    """
+    if name in sys.modules:
+        return sys.modules[name]
+    cpp_logger = logging.getLogger("torch.utils.cpp_extension")
+    level = cpp_logger.level
+    cpp_logger.setLevel(logging.ERROR)
+    try:
+        # auto_LiRPA 0.3 calls ``warnings.simplefilter("once")`` while importing, which would
+        # override an "ignore" filter, so record everything and re-emit all other warnings.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("default")
+            module = importlib.import_module(name)
+    finally:
+        cpp_logger.setLevel(level)
+    for w in caught:
+        if not (issubclass(w.category, FutureWarning) and "torch.jit.script" in str(w.message)):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return module
+
+
+def applied() -> tuple[str, ...]:
+    """Names of the patches applied so far in this process."""
+    return tuple(_APPLIED)
+
+
+def import_auto_lirpa() -> types.ModuleType:
+    """Apply the patches, then import and return the ``auto_LiRPA`` module."""
+    apply()
+    return importlib.import_module("auto_LiRPA")
