@@ -1,7 +1,7 @@
 """The Python API: ``bound_jacobian`` and the reusable ``JacobianBounder``.
 
-    model -> LirpaGraph (auto_LiRPA BoundedModule) -> JacobianChain (graph transformation)
-          -> dense linear maps W_k  +  pre-activation bounds -> derivative ranges
+    model -> LirpaGraph (auto_LiRPA BoundedModule) -> JacobianGraph (graph transformation)
+          -> dense linear maps A_{t<-s}  +  pre-activation bounds -> derivative ranges
           -> recurjac | fastlip | interval  ->  JacobianBounds
 """
 
@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from rj_plugin import lipschitz as lip
 from rj_plugin import recurjac as rj
-from rj_plugin.chain import JacobianChain, build_chain
+from rj_plugin.chain import JacobianGraph, build_graph
 from rj_plugin.errors import InputError
 from rj_plugin.lirpa import PREACT_METHODS, LirpaGraph, make_perturbation
 from rj_plugin.models import load_model
@@ -46,7 +46,7 @@ class JacobianBounds:
     method: str
     preact: str
     timings: dict[str, float] = field(default_factory=dict)
-    _net: rj.LayeredJacobian | None = field(default=None, repr=False)
+    _net: rj.JacobianDAG | None = field(default=None, repr=False)
     _backward: rj.BackwardBounds | None = field(default=None, repr=False)
     _options: dict[str, Any] = field(default_factory=dict, repr=False)
     _activation_max: list[float] = field(default_factory=list, repr=False)
@@ -67,12 +67,7 @@ class JacobianBounds:
 
         ``C``: ``[k, n_out]`` shared by the batch, or ``[B, k, n_out]``.
         """
-        net = self._net
-        C = torch.as_tensor(C, dtype=net.weights[-1].dtype, device=net.weights[-1].device)
-        if C.dim() not in (2, 3) or C.shape[-1] != net.n_out:
-            raise InputError(f"C must be [k, {net.n_out}] or [B, k, {net.n_out}], "
-                             f"got {tuple(C.shape)}")
-        spec_net = net.with_last(C @ net.weights[-1])
+        spec_net = self._net.with_spec(_check_spec(C, self._net))
         return _run_algorithm(spec_net, self.region, self.method, self.preact,
                               self.lower.shape[2:], dict(self.timings), self._options,
                               self._activation_max)
@@ -99,8 +94,7 @@ class JacobianBounds:
 
     def operator_norm_product(self) -> Tensor:
         """The naive global bound ||W_m[j,:]||_q prod ||W_l||_{p->p} max|sigma'|, ``[rows]``."""
-        return lip.operator_norm_product(self._net.weights, self._activation_max,
-                                         self.region.norm)
+        return lip.operator_norm_product(self._net, self._activation_max, self.region.norm)
 
     def contains(self, jacobian: Tensor, atol: float = 0.0) -> Tensor:
         """Which of the given Jacobians ``[B, N, n_out, *input_shape]`` lie in the bounds: ``[B, N]``."""
@@ -109,7 +103,18 @@ class JacobianBounds:
         return ok.flatten(2).all(-1)
 
 
-def _run_algorithm(net: rj.LayeredJacobian, region: Region, method: str, preact: str,
+def _check_spec(C, net: rj.JacobianDAG) -> Tensor:
+    some = next(iter(net.edges.values()))
+    C = torch.as_tensor(C, dtype=some.dtype, device=some.device)
+    if C.dim() not in (2, 3) or C.shape[-1] != net.n_out:
+        raise InputError(f"C must be [k, {net.n_out}] or [B, k, {net.n_out}], got "
+                         f"{tuple(C.shape)}")
+    if not torch.isfinite(C).all():
+        raise InputError("C contains NaN or inf")
+    return C
+
+
+def _run_algorithm(net: rj.JacobianDAG, region: Region, method: str, preact: str,
                    input_shape: tuple[int, ...], timings: dict[str, float],
                    options: dict[str, Any], activation_max: list[float]) -> JacobianBounds:
     start = time.perf_counter()
@@ -118,10 +123,10 @@ def _run_algorithm(net: rj.LayeredJacobian, region: Region, method: str, preact:
         backward = rj.recurjac_backward(net, intersect=options.get("intersect", True),
                                         max_elements=options.get("max_elements",
                                                                  rj.DEFAULT_MAX_ELEMENTS))
-        lower, upper = backward.lower[1], backward.upper[1]
+        lower, upper = backward.lower[0], backward.upper[0]
     elif method == "fastlip":
         backward = rj.fastlip_backward(net)
-        lower, upper = backward.lower[1], backward.upper[1]
+        lower, upper = backward.lower[0], backward.upper[0]
     else:
         lower, upper = rj.interval_forward(net)
     timings["jacobian_s"] = time.perf_counter() - start
@@ -162,10 +167,10 @@ class JacobianBounder:
         example = example.to(device=device, dtype=dtype)
         self.input_shape = tuple(example.shape[1:])
         self.graph = LirpaGraph(self.model, example, bound_opts, device)
-        self.chain: JacobianChain = build_chain(self.graph.nodes, self.graph.input_name,
-                                                self.graph.output_name)
-        self.weights = [seg.matrix(dtype, device) for seg in self.chain.segments]
-        self.preact_nodes = [a.input_node for a in self.chain.activations]
+        self.jacobian_graph: JacobianGraph = build_graph(self.graph.nodes, self.graph.input_name,
+                                                         self.graph.output_name)
+        self.edges = self.jacobian_graph.edges(dtype, device)
+        self.preact_nodes = [a.input_node for a in self.jacobian_graph.activations]
         self.build_seconds = time.perf_counter() - start
 
     def derivative_ranges(self, region: Region, preact: str, alpha_iterations: int = 20,
@@ -174,13 +179,13 @@ class JacobianBounder:
         if region.unbounded:
             pairs = [a.activation.global_bounds(torch.zeros(region.batch, math.prod(a.shape),
                                                             dtype=self.dtype, device=self.device))
-                     for a in self.chain.activations]
+                     for a in self.jacobian_graph.activations]
         else:
             ptb = make_perturbation(region.norm, region.eps, region.lower, region.upper)
             pre = self.graph.preactivation_bounds(region.center, ptb, self.preact_nodes, preact,
                                                   alpha_iterations, alpha_lr)
             pairs = []
-            for act in self.chain.activations:
+            for act in self.jacobian_graph.activations:
                 lo, hi = pre[act.input_node]
                 lo, hi = lo.reshape(region.batch, -1), hi.reshape(region.batch, -1)
                 if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
@@ -204,15 +209,11 @@ class JacobianBounder:
         start = time.perf_counter()
         g_lo, g_hi = self.derivative_ranges(region, preact, alpha_iterations, alpha_lr)
         timings = {"preact_s": time.perf_counter() - start}
-        net = rj.LayeredJacobian(list(self.weights), g_lo, g_hi)
+        net = rj.JacobianDAG(dict(self.edges), g_lo, g_hi)
         if C is not None:
-            C = torch.as_tensor(C, dtype=self.dtype, device=self.device)
-            if C.dim() not in (2, 3) or C.shape[-1] != net.n_out:
-                raise InputError(f"C must be [k, {net.n_out}] or [B, k, {net.n_out}], "
-                                 f"got {tuple(C.shape)}")
-            net = net.with_last(C @ net.weights[-1])
+            net = net.with_spec(_check_spec(C, net))
         options = {"intersect": intersect, "max_elements": max_elements}
-        act_max = [a.activation.max_abs_derivative for a in self.chain.activations]
+        act_max = [a.activation.max_abs_derivative for a in self.jacobian_graph.activations]
         return _run_algorithm(net, region, method, "none" if region.unbounded else preact,
                               self.input_shape, timings, options, act_max)
 

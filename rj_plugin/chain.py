@@ -1,20 +1,22 @@
-"""The graph transformation: auto_LiRPA's computation graph -> the backward Jacobian chain.
+"""The graph transformation: auto_LiRPA's computation graph -> the backward Jacobian DAG.
 
-A feed-forward graph from the input x to the output f(x) alternates affine nodes and elementwise
-activations.  Its Jacobian is (spec section 1)
+Every node that depends on the input x is either an elementwise activation h_t = sigma_t(z_t) or
+affine in its variable inputs.  Numbering the input 0, the activations 1..m-1 in topological
+order and the output m, the graph is (see :mod:`rj_plugin.recurjac`)
 
-    df/dx = A_m  diag(sigma_{m-1}'(z_{m-1}))  A_{m-1}  ...  diag(sigma_1'(z_1))  A_1
+    z_t = sum_{s < t} A_{t<-s} h_s + b_t,      f = sum_{s < m} A_{m<-s} h_s + b_m,
 
-where each A_k is the *linear part* of a maximal run of affine nodes (a :class:`LinearSegment`;
-constant offsets such as biases do not enter the Jacobian) and z_k is the input of the k-th
-activation (an :class:`ActivationStep`).  The chain is derived by walking the graph, never from
-node names (they differ between auto_LiRPA versions): each node is dispatched on its operator type
-through ``LINEAR_OPS`` / ``ACTIVATION_OPS``; an operator in neither table is an
-:class:`~rj_plugin.errors.UnsupportedLayerError` naming the node and its op.
+where A_{t<-s} is the *linear part* of the affine sub-graph between h_s and z_t (biases and
+other constant offsets do not enter the Jacobian; several affine paths, e.g. a residual skip and
+a branch, add up).  A plain MLP has only the edges (t-1, t).
 
-Linear steps act on a batch of vectors ``v`` of shape ``[R, *in_shape]`` (``apply``), which is
-all that the recursion needs; ``LinearSegment.matrix`` materialises A_k as ``[n_out, n_in]``
-(flattened in C order) by applying the segment to identity columns in chunks.
+The transformation walks auto_LiRPA's graph, never relying on node names (they differ between
+versions): each node is dispatched on its operator type through ``LINEAR_OPS`` /
+``ACTIVATION_OPS``; an operator in neither is an :class:`~rj_plugin.errors.UnsupportedLayerError`
+naming the node and its op, and nothing is approximated silently.  ``JacobianGraph.propagate``
+pushes a batch of vectors ``[R, *shape]`` from one node through the affine nodes (convolutions
+stay convolutions); ``JacobianGraph.edges`` materialises every A_{t<-s} as a dense matrix by
+pushing identity columns in chunks, which is what the bound algorithms consume.
 """
 
 from __future__ import annotations
@@ -35,48 +37,14 @@ LinearFn = Callable[[Tensor], Tensor]
 
 
 @dataclass
-class LinearOp:
-    """The linear part of one affine graph node: ``apply(v)`` maps ``[R, *in]`` to ``[R, *out]``."""
+class LinearNode:
+    """An affine graph node: ``apply(vals)`` maps the linear parts arriving at its variable inputs
+    (``[R, *shape]`` each, or None where nothing arrives: a zero) to its own (None if all are)."""
 
     node: str
     op: str
-    apply: LinearFn
-
-
-@dataclass
-class LinearSegment:
-    """A maximal run of affine nodes between activations (or the input / output)."""
-
-    in_shape: tuple[int, ...]
-    out_shape: tuple[int, ...] = ()
-    ops: list[LinearOp] = field(default_factory=list)
-
-    @property
-    def n_in(self) -> int:
-        return math.prod(self.in_shape)
-
-    @property
-    def n_out(self) -> int:
-        return math.prod(self.out_shape)
-
-    def apply(self, v: Tensor) -> Tensor:
-        """The segment's linear map on a batch: ``[R, *in_shape] -> [R, *out_shape]``."""
-        for op in self.ops:
-            v = op.apply(v)
-        return v
-
-    def matrix(self, dtype: torch.dtype, device: torch.device | str,
-               max_elements: int = 1 << 24) -> Tensor:
-        """A_k as a dense ``[n_out, n_in]`` matrix (inputs and outputs flattened in C order)."""
-        cols = max(1, max_elements // max(1, self.n_in + self.n_out))
-        blocks = []
-        for start in range(0, self.n_in, cols):
-            stop = min(self.n_in, start + cols)
-            eye = torch.zeros(stop - start, self.n_in, dtype=dtype, device=device)
-            eye[:, start:stop] = torch.eye(stop - start, dtype=dtype, device=device)
-            out = self.apply(eye.reshape(stop - start, *self.in_shape))
-            blocks.append(out.reshape(stop - start, self.n_out))
-        return torch.cat(blocks, 0).T.contiguous()
+    inputs: list[str]
+    apply: Callable[[list[Tensor | None]], Tensor | None]
 
 
 @dataclass
@@ -91,24 +59,81 @@ class ActivationStep:
 
 
 @dataclass
-class JacobianChain:
-    """``segments[0], activations[0], segments[1], ..., activations[m-2], segments[m-1]``."""
+class JacobianGraph:
+    """The graph reduced to what the Jacobian needs: nodes 0 (input), 1..m-1 (activations, in
+    topological order), m (output), and the affine nodes between them."""
 
     input_node: str
     input_shape: tuple[int, ...]
+    output_node: str
     output_shape: tuple[int, ...]
-    segments: list[LinearSegment]
     activations: list[ActivationStep]
+    linear_nodes: list[LinearNode]
+
+    @property
+    def depth(self) -> int:
+        return len(self.activations) + 1
+
+    def _source_name(self, index: int) -> str:
+        return self.input_node if index == 0 else self.activations[index - 1].node
+
+    def _shape(self, index: int) -> tuple[int, ...]:
+        if index == 0:
+            return self.input_shape
+        if index == self.depth:
+            return self.output_shape
+        return self.activations[index - 1].shape
+
+    def propagate(self, source: int, v: Tensor) -> dict[int, Tensor]:
+        """Push ``v`` (``[R, *shape of node source]``) through the affine nodes.
+
+        Returns the linear parts arriving at each reached target t > source: the input of
+        activation t (t < m) or the output (t = m), flattened to ``[R, n_t]``.
+        """
+        values: dict[str, Tensor] = {self._source_name(source): v}
+        for lin in self.linear_nodes:
+            arriving = [values.get(name) for name in lin.inputs]
+            if any(a is not None for a in arriving):
+                out = lin.apply(arriving)
+                if out is not None:
+                    values[lin.node] = out
+        reached = {}
+        for t in range(source + 1, self.depth + 1):
+            name = self.output_node if t == self.depth else self.activations[t - 1].input_node
+            if name in values:
+                reached[t] = values[name].reshape(v.shape[0], -1)
+        return reached
+
+    def edges(self, dtype: torch.dtype, device: torch.device | str,
+              max_elements: int = 1 << 24) -> dict[tuple[int, int], Tensor]:
+        """Every A_{t<-s} as a dense ``[n_t, n_s]`` matrix (inputs and outputs flattened in C
+        order), by pushing identity columns in chunks; pairs with no affine path are absent."""
+        edges: dict[tuple[int, int], Tensor] = {}
+        for s in range(self.depth):
+            shape = self._shape(s)
+            n_s = math.prod(shape)
+            widest = max(math.prod(self._shape(t)) for t in range(s, self.depth + 1))
+            cols = max(1, max_elements // max(1, widest))
+            parts: dict[int, list[Tensor]] = {}
+            for start in range(0, n_s, cols):
+                stop = min(n_s, start + cols)
+                eye = torch.zeros(stop - start, n_s, dtype=dtype, device=device)
+                eye[:, start:stop] = torch.eye(stop - start, dtype=dtype, device=device)
+                for t, val in self.propagate(s, eye.reshape(stop - start, *shape)).items():
+                    parts.setdefault(t, []).append(val)
+            for t, blocks in parts.items():
+                edges[(s, t)] = torch.cat(blocks, 0).T.contiguous()
+        return edges
 
     def describe(self) -> str:
-        """One line per step, e.g. for error messages and logs."""
-        lines = []
-        for k, seg in enumerate(self.segments):
-            ops = ", ".join(f"{op.op}[{op.node}]" for op in seg.ops) or "identity"
-            lines.append(f"A_{k + 1}: {seg.in_shape} -> {seg.out_shape} ({ops})")
-            if k < len(self.activations):
-                act = self.activations[k]
-                lines.append(f"sigma_{k + 1}: {act.activation.name} [{act.node}] on {act.shape}")
+        """One line per node of the reduced graph (for logs and error messages)."""
+        lines = [f"input {self.input_node}: {self.input_shape}"]
+        for lin in self.linear_nodes:
+            lines.append(f"  {lin.op}[{lin.node}] <- {', '.join(lin.inputs)}")
+        for k, act in enumerate(self.activations, start=1):
+            lines.append(f"sigma_{k}: {act.activation.name} [{act.node}] on {act.shape} "
+                         f"<- {act.input_node}")
+        lines.append(f"output {self.output_node}: {self.output_shape}")
         return "\n".join(lines)
 
 
@@ -210,7 +235,36 @@ def _avgpool(node: GraphNode, var: int, consts: list) -> LinearFn:
                                   count_include_pad=a.get("count_include_pad", True))
 
 
+def _slice(node: GraphNode, var: int, consts: list) -> LinearFn:
+    def attr_or_input(index: int, key: str, default: int | None) -> int | None:
+        if len(consts) > index and consts[index] is not None:
+            return int(torch.as_tensor(consts[index]).reshape(-1)[0])
+        value = node.attrs.get(key, default)
+        return int(value[0]) if isinstance(value, (list, tuple)) else value
+
+    start, end = attr_or_input(1, "starts", None), attr_or_input(2, "ends", None)
+    axis, step = attr_or_input(3, "axes", None), attr_or_input(4, "steps", 1)
+    rank = len(node.output_shape)
+    axis = axis + rank if axis is not None and axis < 0 else axis
+    if axis in (None, 0) or step not in (1, -1) or start is None or end is None:
+        raise UnsupportedLayerError(f"node {node.name} (Slice): only a unit-step slice of one "
+                                    "non-batch axis is supported")
+
+    def apply(v: Tensor) -> Tensor:
+        size = v.shape[axis]
+        lo = start + size if start < 0 else start
+        hi = end + size if end < 0 else end
+        if step == -1:
+            lo, hi = hi, lo + 1
+        lo, hi = max(0, lo), min(hi, size)
+        out = v.narrow(axis, lo, hi - lo)
+        return out.flip(axis) if step == -1 else out
+
+    return apply
+
+
 LINEAR_OPS: dict[str, LinearBuilder] = {
+    "Slice": _slice,
     "Linear": _linear,
     "MatMul": _matmul,
     "Add": _add,
@@ -251,58 +305,72 @@ _REFUSED = {
 }
 
 
-def build_chain(nodes: list[GraphNode], input_node: str, output_node: str) -> JacobianChain:
+def _two_branch(node: GraphNode, var: list[int], consts: list) -> Callable:
+    """Add / Sub of two variable branches: the linear parts add (or subtract); a branch that
+    the pushed vectors did not reach contributes zero."""
+    if node.op not in ("Add", "Sub"):
+        raise UnsupportedLayerError(
+            f"node {node.name} ({node.op}) combines several branches of the input; only Add and "
+            "Sub of branches are linear (a product of branches is not supported)")
+    sign = -1.0 if node.op == "Sub" else 1.0
+    out = node.output_shape[1:]
+
+    def apply(vals: list[Tensor | None]) -> Tensor | None:
+        a, b = vals[var[0]], vals[var[1]]
+        if b is not None:
+            b = -b if sign < 0 else b
+        total = b if a is None else (a if b is None else a + b)
+        if total is None:
+            return None
+        return total.expand(total.shape[0], *out) if tuple(total.shape[1:]) != tuple(out) \
+            else total
+
+    return apply
+
+
+def build_graph(nodes: list[GraphNode], input_node: str, output_node: str) -> JacobianGraph:
     """Walk a topologically ordered graph from ``input_node`` to ``output_node``.
 
+    Nodes that do not depend on the input are constants.  Every node that does is either an
+    elementwise activation (``ACTIVATION_OPS``) or affine in its variable inputs with constant
+    operands (``LINEAR_OPS``; Add/Sub may also join two branches, as in residual blocks).
+
     Raises:
-        UnsupportedLayerError: for a node whose operator is not affine-with-constant-operands or a
-            supported elementwise activation, or for a graph that is not a chain (a node with two
-            variable inputs, as in residual connections).
+        UnsupportedLayerError: naming the first node whose operator has no Jacobian rule.
     """
     by_name = {n.name: n for n in nodes}
     variable = {input_node}
-    start = by_name[input_node]
-    segment = LinearSegment(in_shape=tuple(start.output_shape[1:]))
-    segments: list[LinearSegment] = []
     activations: list[ActivationStep] = []
-    last = input_node
+    linear: list[LinearNode] = []
     for node in nodes:
-        var_inputs = [i for i, name in enumerate(node.inputs) if name in variable]
-        if node.name == input_node or not var_inputs:
+        var = [i for i, name in enumerate(node.inputs) if name in variable]
+        if node.name == input_node or not var:
             continue
-        if len(var_inputs) > 1:
-            raise UnsupportedLayerError(
-                f"node {node.name} ({node.op}) combines several branches of the input; residual "
-                "and multi-branch graphs are not supported by the chain transformation yet")
-        var = var_inputs[0]
-        if node.inputs[var] != last:
-            raise UnsupportedLayerError(
-                f"node {node.name} ({node.op}) branches off {node.inputs[var]}, whose output is "
-                "also used elsewhere; only chain-structured graphs are supported yet")
         variable.add(node.name)
-        last = node.name
         if node.op in ACTIVATION_OPS:
-            segment.out_shape = tuple(by_name[node.inputs[var]].output_shape[1:])
-            segments.append(segment)
-            activations.append(ActivationStep(node.name, node.op, node.inputs[var],
+            activations.append(ActivationStep(node.name, node.op, node.inputs[var[0]],
                                               get_activation(_activation_name(node)),
                                               tuple(node.output_shape[1:])))
-            segment = LinearSegment(in_shape=tuple(node.output_shape[1:]))
-        elif node.op in LINEAR_OPS:
-            consts = [by_name[name].value if i != var else None
-                      for i, name in enumerate(node.inputs)]
-            missing = [node.inputs[i] for i, c in enumerate(consts) if i != var and c is None]
-            if missing:
-                raise UnsupportedLayerError(f"node {node.name} ({node.op}): input(s) {missing} "
-                                            "are neither the input's descendants nor constants")
-            segment.ops.append(LinearOp(node.name, node.op, LINEAR_OPS[node.op](node, var, consts)))
-        else:
+            continue
+        if node.op not in LINEAR_OPS:
             reason = _REFUSED.get(node.op, "no Jacobian rule for this operator")
             raise UnsupportedLayerError(f"unsupported node {node.name} (op {node.op}): {reason}")
-    if last != output_node:
-        raise UnsupportedLayerError(f"the output node {output_node} does not lie on the chain "
-                                    f"from the input (the chain ends at {last})")
-    segment.out_shape = tuple(by_name[output_node].output_shape[1:])
-    segments.append(segment)
-    return JacobianChain(input_node, segments[0].in_shape, segment.out_shape, segments,
-                         activations)
+        consts = [by_name[name].value if i not in var else None
+                  for i, name in enumerate(node.inputs)]
+        missing = [node.inputs[i] for i, c in enumerate(consts) if i not in var and c is None]
+        if missing:
+            raise UnsupportedLayerError(f"node {node.name} ({node.op}): input(s) {missing} are "
+                                        "neither descendants of the input nor constants")
+        if len(var) == 1:
+            fn, i = LINEAR_OPS[node.op](node, var[0], consts), var[0]
+            apply = (lambda f, j: lambda vals: f(vals[j]) if vals[j] is not None else None)(fn, i)
+        elif len(var) == 2:
+            apply = _two_branch(node, var, consts)
+        else:
+            raise UnsupportedLayerError(f"node {node.name} ({node.op}) joins {len(var)} branches;"
+                                        " at most two are supported")
+        linear.append(LinearNode(node.name, node.op, list(node.inputs), apply))
+    if output_node not in variable:
+        raise UnsupportedLayerError(f"the output node {output_node} does not depend on the input")
+    return JacobianGraph(input_node, tuple(by_name[input_node].output_shape[1:]), output_node,
+                         tuple(by_name[output_node].output_shape[1:]), activations, linear)

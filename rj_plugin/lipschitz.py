@@ -108,16 +108,25 @@ def matrix_operator_norm(weight: Tensor, p: float) -> Tensor:
     return weight.abs().sum(-1).amax(-1)
 
 
-def operator_norm_product(weights: list[Tensor], max_derivatives: list[float], p: float
-                          ) -> Tensor:
+def operator_norm_product(net, max_derivatives: list[float], p: float) -> Tensor:
     """Naive global Lipschitz bound per output row (spec section 5b), ``[c]`` or ``[B, c]``.
 
-    ``||W_m[j,:]||_q * prod_{l<m} ||W_l||_{p->p} * max|sigma_l'|``.
+    On a chain: ``||W_m[j,:]||_q * prod_{l<m} ||W_l||_{p->p} * max|sigma_l'|``.  On a DAG
+    (``net``: a :class:`rj_plugin.recurjac.JacobianDAG`) the same product summed over paths,
+    by the triangle inequality on  D_s = A_{m<-s} + sum_t D_t S_t A_{t<-s}:
+    ``N_s = ||A_{m<-s}[j,:]||_q + sum_t N_t max|sigma_t'| ||A_{t<-s}||_{p->p}``,  result N_0.
     """
     q = dual_norm(p)
-    last = weights[-1]
-    row = torch.linalg.vector_norm(last, ord=q, dim=-1)
-    factor = torch.ones((), dtype=last.dtype, device=last.device)
-    for weight, d in zip(weights[:-1], max_derivatives, strict=True):
-        factor = factor * matrix_operator_norm(weight, p) * d
-    return row * factor
+    m = net.depth
+    norms: dict[int, Tensor] = {}
+    for s in range(m - 1, -1, -1):
+        total = None
+        for t in net.successors[s]:
+            a = net.edges[(s, t)]
+            if t == m:
+                term = torch.linalg.vector_norm(a, ord=q, dim=-1)
+            else:
+                term = norms[t] * matrix_operator_norm(a, p) * max_derivatives[t - 1]
+            total = term if total is None else total + term
+        norms[s] = total if total is not None else torch.zeros(())
+    return norms[0]

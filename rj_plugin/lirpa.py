@@ -25,6 +25,7 @@ dispatch is on the exact class name).
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,6 +87,12 @@ def _node_bounds(node: Any) -> tuple[Tensor, Tensor] | None:
     if not isinstance(lower, Tensor) or not isinstance(upper, Tensor):
         return None
     return lower.detach(), upper.detach()
+
+
+def _intersect(a: tuple[Tensor, Tensor], b: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """The intersection of two sound interval bounds of the same node."""
+    return torch.maximum(a[0], b[0].reshape(a[0].shape)), torch.minimum(a[1],
+                                                                        b[1].reshape(a[1].shape))
 
 
 def make_perturbation(norm: float, eps: float | None = None, lower: Tensor | None = None,
@@ -193,22 +200,31 @@ class LirpaGraph:
             result = {}
             for name in names:
                 with torch.no_grad():
-                    self.module.compute_bounds(x=(x,), method="IBP", final_node_name=name)
-                    lb, ub = self.module.compute_bounds(x=(x,), method="CROWN-IBP",
-                                                        final_node_name=name)
-                lb, ub = lb.reshape(ibp[name][0].shape), ub.reshape(ibp[name][1].shape)
-                result[name] = (torch.maximum(lb, ibp[name][0]), torch.minimum(ub, ibp[name][1]))
+                    lb, ub = self._bound_node(x, name, "CROWN-IBP")
+                result[name] = _intersect((lb, ub), ibp[name])
             return result
-        with torch.no_grad():
-            lb, ub = self.module.compute_bounds(x=(x,), method="CROWN", final_node_name=names[-1])
-        crown = self._read(names[:-1])
-        crown[names[-1]] = (lb.reshape(ibp[names[-1]][0].shape).detach(),
-                            ub.reshape(ibp[names[-1]][1].shape).detach())
-        crown = {n: (torch.maximum(crown[n][0], ibp[n][0]), torch.minimum(crown[n][1], ibp[n][1]))
-                 for n in names}
+        with torch.no_grad():  # CROWN for the whole graph leaves every pre-activation bound
+            self.module.compute_bounds(x=(x,), method="CROWN")
+        crown = {n: _intersect(b, ibp[n]) for n, b in self._read(names).items()}
         if method == "crown":
             return crown
         return self._alpha_crown(x, names, crown, alpha_iterations, alpha_lr)
+
+    def _bound_node(self, x: BoundedTensor, name: str, method: str, **kwargs: Any
+                    ) -> tuple[Tensor, Tensor]:
+        """Bounds of one node by ``method`` with that node as the final node, ``[B, *shape]``.
+
+        The specification is the identity shaped like the node (0.3 does not reshape a flat C
+        for convolutional nodes), so this costs n^2 memory for a node of n neurons.
+        """
+        node = self.module[name]
+        shape = tuple(node.output_shape[1:])
+        n = math.prod(shape)
+        spec = torch.eye(n, dtype=self.dtype, device=self.device).reshape(1, n, *shape)
+        spec = spec.expand(x.shape[0], n, *shape)
+        lb, ub = self.module.compute_bounds(x=(x,), C=spec, method=method, final_node_name=name,
+                                            **kwargs)
+        return lb.detach().reshape(x.shape[0], *shape), ub.detach().reshape(x.shape[0], *shape)
 
     def _alpha_crown(self, x: BoundedTensor, names: list[str],
                      crown: dict[str, tuple[Tensor, Tensor]], iterations: int, lr: float
@@ -228,10 +244,34 @@ class LirpaGraph:
                 result[name] = crown[name]
                 continue
             fixed = {n: [result[n][0], result[n][1]] for n in names[:k]}
-            lb, ub = self.module.compute_bounds(
-                x=(x,), method="CROWN-Optimized", final_node_name=name,
-                **{_FIXED_BOUNDS_KW: fixed})
-            shape = crown[name][0].shape
-            lb, ub = lb.detach().reshape(shape), ub.detach().reshape(shape)
-            result[name] = (torch.maximum(lb, crown[name][0]), torch.minimum(ub, crown[name][1]))
+            bounds = self._bound_node(x, name, "CROWN-Optimized", **{_FIXED_BOUNDS_KW: fixed})
+            result[name] = _intersect(bounds, crown[name])
         return result
+
+    def output_bounds(self, center: Tensor, perturbation: Any, C: Tensor | None = None,
+                      method: str = "crown", alpha_iterations: int = 20,
+                      alpha_lr: float = 0.1) -> tuple[Tensor, Tensor]:
+        """auto_LiRPA's own bounds of ``C @ f(x)`` over the region (``[B, k]`` each).
+
+        This is the plain LiRPA route (no Jacobian): e.g. a margin lower bound >= 0 certifies
+        robustness directly.  ``C``: ``[B, k, n_out]`` (None: the outputs themselves).
+        """
+        table = {"ibp": "IBP", "crown": "CROWN", "crown-ibp": "CROWN-IBP",
+                 "alpha-crown": "CROWN-Optimized"}
+        if method not in table:
+            raise InputError(f"unknown bound method {method!r}; choose from "
+                             f"{', '.join(table)}")
+        x = self._bounded_input(center, perturbation)
+        if C is not None:
+            C = C.to(self.device, self.dtype)
+        if method == "alpha-crown":
+            opt = self.module.bound_opts.setdefault("optimize_bound_args", {})
+            opt.update({"iteration": alpha_iterations, "lr_alpha": alpha_lr})
+            if not getattr(self.module, "optimizable_activations", None):
+                method = "crown"
+        if method == "alpha-crown":
+            lb, ub = self.module.compute_bounds(x=(x,), C=C, method=table[method])
+        else:
+            with torch.no_grad():
+                lb, ub = self.module.compute_bounds(x=(x,), C=C, method=table[method])
+        return lb.detach(), ub.detach()

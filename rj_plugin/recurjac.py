@@ -1,57 +1,59 @@
-r"""Element-wise Jacobian bounds of a layered network: RecurJac, Fast-Lip and plain intervals.
+r"""Element-wise Jacobian bounds: RecurJac, Fast-Lip and plain intervals, on chains and DAGs.
 
-The network's Jacobian is a product (spec section 1)
+Network form
+------------
+Nodes 0 (the input x = h_0), 1..m-1 (elementwise activations h_t = sigma_t(z_t), in topological
+order) and m (the output f).  An edge (s, t), s < t, is the linear part A_{t<-s} of the affine
+sub-graph leading from h_s to z_t (or to f when t = m), shape ``[n_t, n_s]``:
 
-    J(x) = W_m  S_{m-1}(x)  W_{m-1}  ...  S_1(x)  W_1,      S_k(x) = diag(sigma_k'(z_k(x)))
+    z_t = sum_{s < t} A_{t<-s} h_s + b_t,        f = sum_{s < m} A_{m<-s} h_s + b_m.
 
-with ``W_k`` of shape ``[n_k, n_{k-1}]`` (n_0 = input size, n_m = number of output rows, any
-specification matrix C already folded into W_m) and certified derivative ranges
-``g_lo[k] <= sigma_k' <= g_hi[k]`` over the input region, one pair per input of the batch.
+A plain MLP is the chain of edges (t-1, t) with A_{t<-t-1} = W_t (spec section 1); a residual
+block y = x + g(x) adds an edge that skips activations.  With S_t = diag(sigma_t'(z_t(x))), the
+backward partials D_s := df/dh_s (``[c, n_s]``) satisfy the reverse-mode recursion
 
-Backward partial products  Y_l := dF/dh_{l-1} = W_m S_{m-1} ... S_l W_l  (shape ``[c, n_{l-1}]``)
-satisfy Y_m = W_m and Y_l = Y_{l+1} S_l W_l; J = Y_1.  All three algorithms bound Y_l for
-l = m, m-1, ..., 1 in that order, each level from the bounds of the levels above.
+    D_s = A_{m<-s} + sum_{s < t < m} D_t S_t A_{t<-s},          J = df/dx = D_0,
 
-RecurJac (spec section 3)
--------------------------
-The central quantity is, for a vector w over the neurons of hidden layer t and an output row j,
+a sum over all paths from h_s to f.  Certified ranges g_lo[t] <= sigma_t' <= g_hi[t] over the
+input region (one per input of the batch) come from the pre-activation bounds.  All algorithms
+bound D_{m-1}, ..., D_1, D_0 in that order, each from the bounds of its descendants.
 
-    RB_up(w, t, j) >= Y_{t+1}[j, :] S_t w     for every x in the region.
+RecurJac (spec section 3), generalised to DAGs
+---------------------------------------------
+For an activation node t, a row j and a vector w over its neurons, the quantity to bound is
+Q_j(w, t) := D_t[j, :] S_t w (the directional derivative of f_j along w at z_t); it is *linear in
+w* for every fixed x.  Split the neurons r of node t with the bounds [L, U] of D_t[j, r]:
 
-Split the neurons r of layer t with the bounds [L, U] of Y_{t+1}[j, r]:
+* known sign (U <= 0 or L >= 0), or exactly known derivative (g_lo == g_hi): the term
+  D_t[j,r] sigma'_r w_r has a known sign, so sigma'_r <= s_r := (g_hi if D w >= 0 else g_lo)
+  bounds it; these terms sum to at most D_t[j, :] v with v_r = s_r w_r (0 elsewhere), and by the
+  recursion above  D_t[j,:] v = A_{m<-t}[j,:] v + sum_u Q_j(A_{u<-t} v, u);
+* the other neurons get the exact range of a product of independent intervals D in [L, U],
+  sigma' in [g_lo, g_hi], times w_r (all four corners: signed derivative ranges are sound too).
 
-* known sign (U <= 0 or L >= 0), or exactly known derivative (g_lo == g_hi): the sign of each
-  term Y_{t+1}[j, r] sigma'_r w_r is known, so  sigma'_r <= s_r := (g_hi if Y w >= 0 else g_lo)
-  bounds the term and the sum over these r is at most  Y_{t+1}[j, :] v  with v_r = s_r w_r
-  (0 elsewhere).  Since Y_{t+1} = Y_{t+2} S_{t+1} W_{t+1}, that is  Y_{t+2}[j,:] S_{t+1} (W_{t+1} v),
-  bounded by RB_up(W_{t+1} v, t+1, j): the folded vector is pushed through the real deeper
-  layers, which keeps the correlation between the entries of the row;
-* the rest (unknown sign and uncertain derivative) gets the exact range of a product of
-  independent intervals  Y in [L, U], sigma' in [g_lo, g_hi] times w_r.
+Because Q_j(., u) is linear, the contributions that several predecessors push into the same node
+u add up to *one* vector before u is processed: Q_j(w1, u) + Q_j(w2, u) = Q_j(w1 + w2, u), and
+bounding the sum at once is sound and no looser than bounding the parts.  One bound is therefore a
+single sweep over the activation nodes in topological order, each with one fold and one matrix
+product per outgoing edge; on a chain this is exactly the spec's chain RB_up (the last two layers
+exact, since D_{m-1} = A_{m<-m-1} is known exactly).  The bounds of D_s are
 
-At t = m-1, Y_m = W_m is exact, every neuron is folded and the chain ends with the dot product
-W_m[j, :] v.  The recursion is therefore one *chain* per (row, vector): a loop over t with one
-fold and one matrix product per level.  The level-l bounds are
+    upper D_s[j, k] = A_{m<-s}[j, k] + sweep(w_t = A_{t<-s}[:, k] for all t),
+    lower D_s[j, k] = A_{m<-s}[j, k] - sweep(w_t = -A_{t<-s}[:, k]),
 
-    upper Y_l[j, k] = RB_up(W_l[:, k], l, j),      lower Y_l[j, k] = -RB_up(-W_l[:, k], l, j),
+the lower one by the mirror identity  min_x a(x).w = -max_x a(x).(-w),  which turns every step of
+the spec's lower chain into a step of the upper chain with the negated vector; the two chains
+never mix.  All (batch, row, column, upper/lower) sweeps of one node run together in tensors
+``[B, c, K, n_t]``.  Soundness needs only z_t(x) in [l_t, u_t] and D_t(x) in [L_t, U_t]
+pointwise for x in the region; nothing assumes the sigma' are independent or non-negative.
 
-the lower bound by the mirror identity  min_x a(x).w = -max_x a(x).(-w),  which maps every step
-of the lower chain (spec's RB_lo) onto a step of the upper chain with the negated vector; the two
-chains never mix.  All (batch, row, column, upper/lower) chains of one level run together as one
-tensor ``[B, c, K, n_t]``: the fold is elementwise, and the push through W_{t+1} one matmul.
+Fast-Lip (``fastlip``): D_s = A_{m<-s} + sum_t [D_t] [S_t] A_{t<-s} in interval arithmetic.
+Plain intervals (``interval``): the same products from the input side, Z_t := dz_t/dx,
+Z_t = sum_s A_{t<-s} [S_s] [Z_s] (with S_0 Z_0 = I), J in sum_s A_{m<-s} [S_s] [Z_s].
 
-Soundness needs only z_t(x) in [l_t, u_t] and Y_t(x) in [L_t, U_t] pointwise for x in the
-region; nothing assumes the sigma' are independent or non-negative (the interval products use all
-four corners), so signed derivative ranges are handled soundly too.
-
-Fast-Lip (``fastlip``): Y_l = [Y_{l+1}] [S_l] W_l in interval arithmetic, each entry of the row
-an independent interval.  The first step from the exact Y_m is exact, as in RecurJac.
-Plain intervals (``interval``): the same interval product evaluated from the input side,
-Z_1 = W_1,  Z_{k+1} = W_{k+1} [S_k] [Z_k],  J in Z_m.
-
-With ``intersect=True`` (the default) RecurJac also computes the Fast-Lip step from the level
-above and keeps the intersection of the two (both are sound, so is their intersection); deeper
-levels then classify neurons with the tighter row bounds.
+With ``intersect=True`` (the default) RecurJac also takes the Fast-Lip step from the bounds of the
+descendants and keeps the intersection (both are sound); deeper levels then classify neurons with
+the tighter bounds.
 """
 
 from __future__ import annotations
@@ -61,70 +63,86 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-# Elements of the largest [B, c, K, n] working tensor; a handful of these exist at a time.
+# Elements of the largest [B, c, K, n] working tensor; a handful of these exist at a time.  Small
+# chunks keep the elementwise passes in cache (measured: 4x faster than one large chunk).
 DEFAULT_MAX_ELEMENTS = 1 << 19
+
+Edge = tuple[int, int]
 
 
 @dataclass
-class LayeredJacobian:
-    """The factors of J(x) = W_m S_{m-1} W_{m-1} ... S_1 W_1 with derivative ranges.
+class JacobianDAG:
+    """Linear maps between activation nodes and certified derivative ranges.
 
     Attributes:
-        weights: ``[W_1, ..., W_m]``, ``W_k`` of shape ``[n_k, n_{k-1}]``, shared by the batch;
-            the last may also be ``[B, c, n_{m-1}]`` (one specification per input, e.g. margins
+        edges: ``(s, t) -> A_{t<-s}`` of shape ``[n_t, n_s]`` (0 <= s < t <= m); the edges into
+            the output m may also be ``[B, c, n_s]`` (one specification per input, e.g. margins
             against each input's own label).
-        g_lo, g_hi: ``m - 1`` tensors ``[B, n_k]``: certified ranges of sigma_k'(z_k(x)).
+        g_lo, g_hi: ``m - 1`` tensors ``[B, n_t]``: ranges of sigma_t'(z_t(x)), t = 1..m-1.
     """
 
-    weights: list[Tensor]
+    edges: dict[Edge, Tensor]
     g_lo: list[Tensor]
     g_hi: list[Tensor]
 
     def __post_init__(self) -> None:
-        m = len(self.weights)
-        if m == 0:
-            raise ValueError("a layered Jacobian needs at least one linear map")
-        if len(self.g_lo) != m - 1 or len(self.g_hi) != m - 1:
-            raise ValueError(f"{m} linear maps need {m - 1} derivative ranges, got "
-                             f"{len(self.g_lo)} / {len(self.g_hi)}")
-        for k in range(1, m):
-            if self.weights[k].shape[-1] != self.weights[k - 1].shape[-2]:
-                raise ValueError(f"W_{k + 1} {tuple(self.weights[k].shape)} does not follow "
-                                 f"W_{k} {tuple(self.weights[k - 1].shape)}")
-            n_k = self.weights[k - 1].shape[-2]
-            if self.g_lo[k - 1].shape[-1] != n_k or self.g_hi[k - 1].shape[-1] != n_k:
-                raise ValueError(f"derivative range {k} has {self.g_lo[k - 1].shape[-1]} "
-                                 f"neurons, layer has {n_k}")
+        m = self.depth
+        if len(self.g_hi) != m - 1:
+            raise ValueError("g_lo and g_hi differ in length")
+        if not any(t == m for _, t in self.edges):
+            raise ValueError("no edge reaches the output")
+        sizes: dict[int, int] = {t: g.shape[-1] for t, g in enumerate(self.g_lo, start=1)}
+        for (s, t), a in self.edges.items():
+            if not 0 <= s < t <= m:
+                raise ValueError(f"edge {(s, t)} does not go forward between nodes 0..{m}")
+            for node, n in ((s, a.shape[-1]), (t, a.shape[-2])):
+                if sizes.setdefault(node, n) != n:
+                    raise ValueError(f"edge {(s, t)} of shape {tuple(a.shape)} does not match "
+                                     f"node {node} of size {sizes[node]}")
+        self.sizes = sizes
+        self.successors: dict[int, list[int]] = {
+            s: sorted(t for (s2, t) in self.edges if s2 == s) for s in range(m)}
+
+    @classmethod
+    def chain(cls, weights: list[Tensor], g_lo: list[Tensor], g_hi: list[Tensor]
+              ) -> JacobianDAG:
+        """The MLP form J = W_m S_{m-1} W_{m-1} ... S_1 W_1 (``weights[k-1] = W_k``)."""
+        return cls({(k, k + 1): w for k, w in enumerate(weights)}, g_lo, g_hi)
 
     @property
     def depth(self) -> int:
-        return len(self.weights)
+        """m: the output's node index (activation layers + 1)."""
+        return len(self.g_lo) + 1
 
     @property
     def batch(self) -> int:
         if self.g_lo:
             return self.g_lo[0].shape[0]
-        return self.weights[-1].shape[0] if self.weights[-1].dim() == 3 else 1
+        return max((a.shape[0] for a in self.edges.values() if a.dim() == 3), default=1)
 
     @property
     def n_out(self) -> int:
-        return self.weights[-1].shape[-2]
+        return self.sizes[self.depth]
 
     @property
     def n_in(self) -> int:
-        return self.weights[0].shape[-1]
+        return self.sizes[0]
 
-    def with_last(self, last: Tensor) -> LayeredJacobian:
-        """The same network with W_m replaced (e.g. by C @ W_m for a specification C)."""
-        return LayeredJacobian(self.weights[:-1] + [last], self.g_lo, self.g_hi)
+    def output_edges(self) -> dict[int, Tensor]:
+        """``s -> A_{m<-s}`` broadcast to ``[B, c, n_s]``."""
+        m, batch = self.depth, self.batch
+        return {s: a.expand(batch, *a.shape[-2:]) for (s, t), a in self.edges.items() if t == m}
+
+    def with_spec(self, C: Tensor) -> JacobianDAG:
+        """The network C f (``C``: ``[k, c]`` or ``[B, k, c]``), C folded into the output edges."""
+        m = self.depth
+        edges = {e: (C @ a if e[1] == m else a) for e, a in self.edges.items()}
+        return JacobianDAG(edges, self.g_lo, self.g_hi)
 
 
 @dataclass
 class BackwardBounds:
-    """Bounds on every backward partial product: ``lower[l], upper[l]`` bound Y_l, ``[B, c, n_{l-1}]``.
-
-    Index l runs 1..m (entry 0 is unused) so the code reads like the math; ``lower[1]`` bounds J.
-    """
+    """``lower[s], upper[s]``: bounds of D_s = df/dh_s, ``[B, c, n_s]``; ``s = 0`` bounds J."""
 
     lower: list[Tensor | None]
     upper: list[Tensor | None]
@@ -147,82 +165,57 @@ def _interval_matmul(lo: Tensor, hi: Tensor, weight: Tensor) -> tuple[Tensor, Te
     return lo @ w_pos + hi @ w_neg, hi @ w_pos + lo @ w_neg
 
 
-def _fastlip_step(net: LayeredJacobian, y_lo: Tensor, y_hi: Tensor, level: int
-                  ) -> tuple[Tensor, Tensor]:
-    """Bounds of Y_level = Y_{level+1} S_level W_level from interval bounds of Y_{level+1}.
-
-    ``y_lo, y_hi``: ``[B, c, n_level]``; returns ``[B, c, n_{level-1}]``.
-    """
-    g_lo = net.g_lo[level - 1][:, None, :]
-    g_hi = net.g_hi[level - 1][:, None, :]
-    t_lo, t_hi = _interval_mul(y_lo, y_hi, g_lo, g_hi)
-    return _interval_matmul(t_lo, t_hi, net.weights[level - 1])
+def _fastlip_step(net: JacobianDAG, bounds: BackwardBounds, s: int) -> tuple[Tensor, Tensor]:
+    """Interval bounds of D_s = A_{m<-s} + sum_t [D_t] [S_t] A_{t<-s}: ``[B, c, n_s]`` each."""
+    m = net.depth
+    const = net.output_edges().get(s)
+    lo = hi = const if const is not None else 0.0
+    for t in net.successors[s]:
+        if t == m:
+            continue
+        g_lo, g_hi = net.g_lo[t - 1][:, None, :], net.g_hi[t - 1][:, None, :]
+        t_lo, t_hi = _interval_mul(bounds.lower[t], bounds.upper[t], g_lo, g_hi)
+        step_lo, step_hi = _interval_matmul(t_lo, t_hi, net.edges[(s, t)])
+        lo, hi = lo + step_lo, hi + step_hi
+    if isinstance(lo, float):  # h_s does not reach the output
+        zero = torch.zeros(net.batch, net.n_out, net.sizes[s], dtype=net.g_lo[0].dtype,
+                           device=net.g_lo[0].device)
+        return zero, zero
+    return lo.expand(net.batch, net.n_out, net.sizes[s]), hi.expand(
+        net.batch, net.n_out, net.sizes[s])
 
 
 # ----------------------------------------------------------------------------------------------
 # RecurJac
 
 
-def _chain_coefficients(net: LayeredJacobian, bounds: BackwardBounds, t: int
+def _sweep_coefficients(net: JacobianDAG, bounds: BackwardBounds, t: int
                         ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Per-(row, neuron) coefficients of one RecurJac step at hidden layer t, ``[B, c, 1, n_t]``.
+    """Per-(row, neuron) coefficients of the step at activation node t, ``[B, c, 1, n_t]``.
 
-    With [L, U] the bounds of Y_{t+1}[j, r] and [g_lo, g_hi] those of sigma_t'(z_r), one step maps
-    a vector w (over layer t) to a worst-case sum and a folded vector v:
+    With [L, U] the bounds of D_t[j, r] and [g_lo, g_hi] those of sigma_t'(z_r), the step maps a
+    vector w over node t to a worst-case sum and a folded vector v:
 
         worst_j = sum_r (w_r > 0 ? worst_pos : worst_neg)[j, r] * w_r
         v_jr    = (w_r > 0 ? fold_pos : fold_neg)[j, r] * w_r
 
     *Folded* neurons (U <= 0, or L >= 0, or g_lo == g_hi) get the maximising derivative
-    (g_hi when Y w >= 0, else g_lo) in ``fold_*`` and 0 in ``worst_*``; the others get 0 in
-    ``fold_*`` and  max over the corners of [L, U] x [g_lo, g_hi] of  Y sigma'  (for w > 0) or
-    min (for w < 0) in ``worst_*``.
+    (g_hi when D w >= 0, else g_lo) in ``fold_*`` and 0 in ``worst_*``; the others get 0 in
+    ``fold_*`` and the max (w > 0) or min (w < 0) over the corners of [L, U] x [g_lo, g_hi] of
+    D sigma' in ``worst_*``.
     """
-    y_lo = bounds.lower[t + 1][:, :, None, :]  # [B, c, 1, n_t]
-    y_hi = bounds.upper[t + 1][:, :, None, :]
+    d_lo = bounds.lower[t][:, :, None, :]  # [B, c, 1, n_t]
+    d_hi = bounds.upper[t][:, :, None, :]
     g_lo = net.g_lo[t - 1][:, None, None, :]  # [B, 1, 1, n_t]
     g_hi = net.g_hi[t - 1][:, None, None, :]
-    nonpos = y_hi <= 0
-    folded = nonpos | (y_lo >= 0) | (g_lo == g_hi)
-    zero = torch.zeros((), dtype=y_lo.dtype, device=y_lo.device)
+    nonpos = d_hi <= 0
+    folded = nonpos | (d_lo >= 0) | (g_lo == g_hi)
+    zero = torch.zeros((), dtype=d_lo.dtype, device=d_lo.device)
     fold_pos = torch.where(folded, torch.where(nonpos, g_lo, g_hi), zero)
     fold_neg = torch.where(folded, torch.where(nonpos, g_hi, g_lo), zero)
-    prod_lo, prod_hi = _interval_mul(y_lo, y_hi, g_lo, g_hi)
-    worst_pos = torch.where(folded, zero, prod_hi)
-    worst_neg = torch.where(folded, zero, prod_lo)
-    return fold_pos, fold_neg, worst_pos, worst_neg
-
-
-def upper_chain(net: LayeredJacobian, bounds: BackwardBounds, w: Tensor, level: int) -> Tensor:
-    """RB_up(w, t=level, j) for a batch of vectors: an upper bound of Y_{t+1}[j,:] S_t w.
-
-    Args:
-        net: the layered Jacobian.
-        bounds: bounds of Y_{t+1}, ..., Y_m (filled for every level above ``level``).
-        w: ``[B, c, K, n_t]`` vectors over the neurons of hidden layer t = ``level``; row j of
-            dimension 1 is the output row the bound is for; K independent vectors per row.
-        level: the hidden layer t in 1..m-1.
-
-    Returns:
-        ``[B, c, K]`` upper bounds, valid for every x in the region.
-    """
-    m = net.depth
-    acc = torch.zeros(w.shape[:-1], dtype=w.dtype, device=w.device)
-    for t in range(level, m):
-        fold_pos, fold_neg, worst_pos, worst_neg = _chain_coefficients(net, bounds, t)
-        # With w+ = max(w, 0):  (w > 0 ? a : b) * w  =  b * w + (a - b) * w+,
-        # so both the worst-case sum and the folded vector cost a few passes over w.
-        w_pos = w.clamp(min=0)
-        # Unknown sign and uncertain derivative: worst case of the product of intervals.
-        acc += _rowdot(w, worst_neg) + _rowdot(w_pos, worst_pos - worst_neg)
-        # Known sign or exact derivative: fold with the maximising derivative.
-        v = (w * fold_neg).addcmul_(w_pos, fold_pos - fold_neg)
-        del w_pos
-        if t == m - 1:  # Y_m = W_m exactly: the chain ends with a dot product
-            acc += _rowdot(v, bounds.upper[m][:, :, None, :])
-        else:
-            w = v @ net.weights[t].T  # [B, c, K, n_{t+1}]
-    return acc
+    prod_lo, prod_hi = _interval_mul(d_lo, d_hi, g_lo, g_hi)
+    return fold_pos, fold_neg, torch.where(folded, zero, prod_hi), torch.where(folded, zero,
+                                                                               prod_lo)
 
 
 def _rowdot(x: Tensor, coef: Tensor) -> Tensor:
@@ -231,78 +224,131 @@ def _rowdot(x: Tensor, coef: Tensor) -> Tensor:
     return (x @ coef.transpose(-1, -2)).squeeze(-1)
 
 
+def upper_sweep(net: JacobianDAG, bounds: BackwardBounds, pending: dict[int, Tensor]) -> Tensor:
+    """Upper bound of  sum_t Q_j(w_t, t)  for vectors ``pending[t]`` ``[B, c, K, n_t]``.
+
+    Row j of dimension 1 is the output row each bound is for; K independent problems per row.
+    ``bounds`` must hold D_t for every node t the sweep reaches.  Returns ``[B, c, K]``.
+    ``pending`` is consumed.
+    """
+    m = net.depth
+    acc = None
+    out_edges = net.output_edges()
+    for t in range(min(pending), m):
+        w = pending.pop(t, None)
+        if w is None:
+            continue
+        fold_pos, fold_neg, worst_pos, worst_neg = _sweep_coefficients(net, bounds, t)
+        # With w+ = max(w, 0):  (w > 0 ? a : b) * w  =  b * w + (a - b) * w+,
+        # so the worst-case sum and the folded vector cost a few passes over w.
+        w_pos = w.clamp(min=0)
+        part = _rowdot(w, worst_neg) + _rowdot(w_pos, worst_pos - worst_neg)
+        acc = part if acc is None else acc + part
+        v = (w * fold_neg).addcmul_(w_pos, fold_pos - fold_neg)
+        del w, w_pos
+        for u in net.successors[t]:
+            if u == m:  # f_j = ... + A_{m<-t}[j, :] h_t: a dot product ends this path
+                acc += _rowdot(v, out_edges[t][:, :, None, :])
+            else:
+                pushed = v @ net.edges[(t, u)].T  # [B, c, K, n_u]
+                pending[u] = pushed if u not in pending else pending[u] + pushed
+    return acc
+
+
 def _chunks(total: int, size: int):
     for start in range(0, total, size):
         yield slice(start, min(total, start + size))
 
 
-def recurjac_backward(net: LayeredJacobian, *, intersect: bool = True,
-                      max_elements: int = DEFAULT_MAX_ELEMENTS) -> BackwardBounds:
-    """RecurJac bounds of every backward partial product Y_m, ..., Y_1 (spec section 3).
+def _start_vectors(net: JacobianDAG, s: int, cols: slice) -> dict[int, Tensor]:
+    """``w_t = [A_{t<-s}[:, cols], -A_{t<-s}[:, cols]]^T`` for the activation successors of s,
+    each ``[B, c, 2K, n_t]`` (the upper chain and the mirrored lower chain)."""
+    batch, c = net.batch, net.n_out
+    pending = {}
+    for t in net.successors[s]:
+        if t < net.depth:
+            w = net.edges[(s, t)][:, cols].T  # [K, n_t]
+            pending[t] = torch.cat([w, -w], 0).expand(batch, c, -1, -1)
+    return pending
 
-    Returns bounds with ``lower[1], upper[1]`` of shape ``[B, c, n_0]`` bounding J.
+
+def recurjac_backward(net: JacobianDAG, *, intersect: bool = True,
+                      max_elements: int = DEFAULT_MAX_ELEMENTS) -> BackwardBounds:
+    """RecurJac bounds of every backward partial D_{m-1}, ..., D_0 (spec section 3).
+
+    Returns bounds with ``lower[0], upper[0]`` of shape ``[B, c, n_0]`` bounding J.
     """
     m, batch, c = net.depth, net.batch, net.n_out
-    lower: list[Tensor | None] = [None] * (m + 1)
-    upper: list[Tensor | None] = [None] * (m + 1)
-    last = net.weights[-1].expand(batch, *net.weights[-1].shape[-2:])
-    lower[m], upper[m] = last, last
-    bounds = BackwardBounds(lower, upper)
-    for level in range(m - 1, 0, -1):
-        weight = net.weights[level - 1]  # W_level: [n_level, n_{level-1}]
-        n_cols = weight.shape[1]
-        widest = max(w.shape[-2] for w in net.weights[level - 1:-1])
-        per_col = max(1, batch * c * 2 * widest)
-        lo = torch.empty(batch, c, n_cols, dtype=weight.dtype, device=weight.device)
-        hi = torch.empty_like(lo)
-        for cols in _chunks(n_cols, max(1, max_elements // per_col)):
-            w = weight[:, cols].T  # [K, n_level]
-            w = torch.cat([w, -w], 0).expand(batch, c, -1, -1)  # upper chain, mirrored lower
-            out = upper_chain(net, bounds, w, level)
-            k = cols.stop - cols.start
-            hi[:, :, cols] = out[..., :k]
-            lo[:, :, cols] = -out[..., k:]
-        if intersect:
-            f_lo, f_hi = _fastlip_step(net, lower[level + 1], upper[level + 1], level)
-            lo, hi = torch.maximum(lo, f_lo), torch.minimum(hi, f_hi)
-        lower[level], upper[level] = lo, hi
+    bounds = BackwardBounds([None] * m, [None] * m)
+    out_edges = net.output_edges()
+    some = next(iter(net.edges.values()))
+    for s in range(m - 1, -1, -1):
+        n_cols = net.sizes[s]
+        const = out_edges.get(s)
+        lo = torch.zeros(batch, c, n_cols, dtype=some.dtype, device=some.device)
+        if const is not None:
+            lo = lo + const
+        hi = lo.clone()
+        if any(t < m for t in net.successors[s]):
+            widest = max(net.sizes[t] for t in range(s + 1, m))
+            per_col = max(1, batch * c * 2 * widest)
+            for cols in _chunks(n_cols, max(1, max_elements // per_col)):
+                k = cols.stop - cols.start
+                out = upper_sweep(net, bounds, _start_vectors(net, s, cols))
+                hi[:, :, cols] += out[..., :k]
+                lo[:, :, cols] -= out[..., k:]
+            if intersect:
+                f_lo, f_hi = _fastlip_step(net, bounds, s)
+                lo, hi = torch.maximum(lo, f_lo), torch.minimum(hi, f_hi)
+        bounds.lower[s], bounds.upper[s] = lo, hi
     return bounds
 
 
-def fastlip_backward(net: LayeredJacobian) -> BackwardBounds:
-    """Fast-Lip: interval products from the output side, Y_l = [Y_{l+1}] [S_l] W_l."""
+def fastlip_backward(net: JacobianDAG) -> BackwardBounds:
+    """Fast-Lip: D_s = A_{m<-s} + sum_t [D_t] [S_t] A_{t<-s} in interval arithmetic."""
+    m = net.depth
+    bounds = BackwardBounds([None] * m, [None] * m)
+    for s in range(m - 1, -1, -1):
+        bounds.lower[s], bounds.upper[s] = _fastlip_step(net, bounds, s)
+    return bounds
+
+
+def interval_forward(net: JacobianDAG) -> tuple[Tensor, Tensor]:
+    """Plain interval products from the input side (``Z_t = dz_t/dx``): ``[B, c, n_0]`` each."""
     m, batch = net.depth, net.batch
-    lower: list[Tensor | None] = [None] * (m + 1)
-    upper: list[Tensor | None] = [None] * (m + 1)
-    last = net.weights[-1].expand(batch, *net.weights[-1].shape[-2:])
-    lower[m], upper[m] = last, last
-    for level in range(m - 1, 0, -1):
-        lower[level], upper[level] = _fastlip_step(net, lower[level + 1], upper[level + 1], level)
-    return BackwardBounds(lower, upper)
+    # T_s := [S_s][Z_s], the range of dh_s/dx: [B, n_s, n_0]; T_0 = I.
+    t_lo: dict[int, Tensor] = {}
+    t_hi: dict[int, Tensor] = {}
+    for t in range(1, m + 1):
+        z_lo = z_hi = None
+        for (s, t2), a in net.edges.items():
+            if t2 != t:
+                continue
+            if s == 0:
+                lo = hi = a.expand(batch, *a.shape[-2:])
+            else:
+                lo, hi = _interval_matmul(t_lo[s].transpose(-1, -2), t_hi[s].transpose(-1, -2),
+                                          a.transpose(-1, -2))
+                lo, hi = lo.transpose(-1, -2), hi.transpose(-1, -2)
+            z_lo = lo if z_lo is None else z_lo + lo
+            z_hi = hi if z_hi is None else z_hi + hi
+        if t == m:
+            return z_lo, z_hi
+        g_lo, g_hi = net.g_lo[t - 1][:, :, None], net.g_hi[t - 1][:, :, None]
+        if z_lo is None:  # unreachable from the input: dh_t/dx = 0
+            z_lo = z_hi = torch.zeros(batch, net.sizes[t], net.n_in, dtype=g_lo.dtype,
+                                      device=g_lo.device)
+        t_lo[t], t_hi[t] = _interval_mul(z_lo, z_hi, g_lo, g_hi)
+    raise AssertionError("unreachable")
 
 
-def interval_forward(net: LayeredJacobian) -> tuple[Tensor, Tensor]:
-    """Plain interval product from the input side: Z_{k+1} = W_{k+1} [S_k] [Z_k]; ``[B, c, n_0]``."""
-    batch = net.batch
-    z = net.weights[0].expand(batch, *net.weights[0].shape[-2:])  # [B, n_1, n_0]
-    z_lo, z_hi = z, z
-    for k in range(1, net.depth):
-        g_lo = net.g_lo[k - 1][:, :, None]
-        g_hi = net.g_hi[k - 1][:, :, None]
-        t_lo, t_hi = _interval_mul(z_lo, z_hi, g_lo, g_hi)  # [B, n_k, n_0]
-        weight = net.weights[k]
-        w_pos, w_neg = weight.clamp(min=0), weight.clamp(max=0)
-        z_lo, z_hi = w_pos @ t_lo + w_neg @ t_hi, w_pos @ t_hi + w_neg @ t_lo
-    return z_lo, z_hi
-
-
-def merged_row_upper(net: LayeredJacobian, bounds: BackwardBounds, signs: Tensor,
+def merged_row_upper(net: JacobianDAG, bounds: BackwardBounds, signs: Tensor,
                      method: str) -> Tensor:
     """Upper bound of  J[j, :] . s_j  for one sign vector per row (the l1 merge, spec section 4).
 
-    ``J[j,:] s_j = Y_2[j,:] S_1 (W_1 s_j)`` is the Jacobian row of the network whose first layer
-    is the single column W_1 s_j.  RecurJac bounds it with one chain; Fast-Lip with one interval
-    step; both are exact when the network has no hidden layer.
+    ``J[j,:] s_j = A_{m<-0}[j,:] s_j + sum_t Q_j(A_{t<-0} s_j, t)``: the Jacobian row of the
+    network whose input layer is the single column s_j.  RecurJac bounds it with one sweep,
+    Fast-Lip with one interval step.
 
     Args:
         signs: ``[B, c, n_0]`` with entries in {-1, 0, +1}.
@@ -310,11 +356,17 @@ def merged_row_upper(net: LayeredJacobian, bounds: BackwardBounds, signs: Tensor
     Returns:
         ``[B, c]`` upper bounds.
     """
-    if net.depth == 1:  # J = W_1 exactly
-        return (signs * net.weights[0]).sum(-1)
-    merged = signs @ net.weights[0].T  # [B, c, n_1]
+    m = net.depth
+    const = net.output_edges().get(0)
+    total = (signs * const).sum(-1) if const is not None else signs.new_zeros(signs.shape[:2])
+    starts = {t: signs @ net.edges[(0, t)].T for t in net.successors[0] if t < m}  # [B, c, n_t]
+    if not starts:
+        return total
     if method == "recurjac":
-        return upper_chain(net, bounds, merged[:, :, None, :], 1)[..., 0]
-    g_lo, g_hi = net.g_lo[0][:, None, :], net.g_hi[0][:, None, :]
-    t_lo, t_hi = _interval_mul(bounds.lower[2], bounds.upper[2], g_lo, g_hi)
-    return torch.maximum(t_lo * merged, t_hi * merged).sum(-1)
+        return total + upper_sweep(net, bounds, {t: w[:, :, None, :] for t, w in starts.items()}
+                                   )[..., 0]
+    for t, w in starts.items():
+        g_lo, g_hi = net.g_lo[t - 1][:, None, :], net.g_hi[t - 1][:, None, :]
+        t_lo, t_hi = _interval_mul(bounds.lower[t], bounds.upper[t], g_lo, g_hi)
+        total = total + torch.maximum(t_lo * w, t_hi * w).sum(-1)
+    return total
