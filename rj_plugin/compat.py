@@ -581,6 +581,42 @@ def _patch_optimize_in_model_dtype(al: types.ModuleType) -> bool:
     return True
 
 
+def _patch_default_spec_dtype(al: types.ModuleType) -> bool:
+    """Build the default specification C in the model's dtype.
+
+    What broke: without an explicit ``C``, 0.3's ``compute_bounds`` uses
+    ``torch.eye(dim_output)`` in torch's default dtype (float32).  For a float64 model, operators
+    that combine A with their bias by ``einsum`` (e.g. ``BoundAbs``) then fail with ``expected
+    scalar type Float but found Double``; others silently compute in mixed precision.
+    Independent of the torch version.
+    Why it is correct: the call runs with the bounded input's dtype as default dtype, so the
+    identity C is built in that dtype; nothing else changes.  The previous default is restored.
+    Guard: only when ``compute_bounds`` builds C with ``torch.eye`` and no dtype; at run time only
+    for a float64/float32 input whose dtype differs from the default.
+    """
+    cls = getattr(al, "BoundedModule", None)
+    original = None if cls is None else getattr(cls, "compute_bounds", None)
+    if original is None or _is_marked(original):
+        return False
+    if "torch.eye(dim_output, device=self.device)" not in _source(original):
+        return False
+
+    def compute_bounds(self: Any, x: Any = None, *args: Any, **kwargs: Any) -> Any:
+        dtype = _model_dtype(self, x)
+        previous = torch.get_default_dtype()
+        if dtype is None or dtype == previous or dtype not in (torch.float32, torch.float64):
+            return original(self, x, *args, **kwargs)
+        torch.set_default_dtype(dtype)
+        try:
+            return original(self, x, *args, **kwargs)
+        finally:
+            torch.set_default_dtype(previous)
+
+    compute_bounds.__doc__ = original.__doc__
+    cls.compute_bounds = _mark(compute_bounds, "default_spec_dtype")
+    return True
+
+
 # -------------------------------------------------------------------------------------------------
 # Public API
 # -------------------------------------------------------------------------------------------------
@@ -598,6 +634,7 @@ _POST_IMPORT: tuple[tuple[str, Callable[[types.ModuleType], bool]], ...] = (
     ("sshape_table_cache", _patch_sshape_table_cache),
     ("sshape_table_dtype", _patch_sshape_table_dtype),
     ("optimize_in_model_dtype", _patch_optimize_in_model_dtype),
+    ("default_spec_dtype", _patch_default_spec_dtype),
 )
 
 

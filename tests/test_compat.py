@@ -29,6 +29,8 @@ KNOWN_PATCHES = {
     "alpha_dtype",
     "sshape_table_dtype",
     "optimize_in_model_dtype",
+    "sshape_table_cache",
+    "default_spec_dtype",
 }
 TOL = 1e-9
 IS_03 = al.__version__ == "0.3"
@@ -431,3 +433,48 @@ def test_crown_computes_every_preactivation_neuron() -> None:
     assert bool(((ibp[1][0] > 0) | (ibp[1][1] < 0)).all())
     assert torch.equal(crown_sparse[1][0], ibp[1][0])
     assert not torch.equal(crown_full[1][0], ibp[1][0])
+
+
+@only_03
+def test_sshape_tables_are_shared_between_nodes() -> None:
+    """Regression for ``sshape_table_cache``: a second tanh node reuses the first one's tables
+    (0.3 rebuilt them per node, seconds each under load) and its bounds stay sound."""
+    x = torch.rand(2, 3, dtype=torch.float64)
+    nets = [nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(),
+                          nn.Linear(4, 2)).double() for _ in range(2)]
+    bms = [al.BoundedModule(n, x, bound_opts=compat.default_bound_opts()) for n in nets]
+    tanh = [m for bm in bms for m in bm._modules.values() if type(m).__name__ == "BoundTanh"]
+    assert len(tanh) == 4
+    assert all(t.d_lower is tanh[0].d_lower for t in tanh)
+    for net, bm in zip(nets, bms, strict=True):
+        lb, ub = bm.compute_bounds(x=(al.BoundedTensor(x, al.PerturbationLpNorm(eps=0.2)),),
+                                   method="CROWN")
+        pts = x[:, None] + 0.2 * (2 * torch.rand(2, 500, 3, dtype=torch.float64) - 1)
+        with torch.no_grad():
+            y = net(pts)
+        assert (y >= lb[:, None] - TOL).all() and (y <= ub[:, None] + TOL).all()
+
+
+@only_03
+def test_default_spec_is_built_in_the_model_dtype() -> None:
+    """Regression for ``default_spec_dtype``: CROWN through ``abs`` of a float64 model without an
+    explicit C failed with 'expected scalar type Float but found Double'."""
+
+    class AbsNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(x).abs()
+
+    net = AbsNet().double()
+    x = torch.rand(2, 3, dtype=torch.float64)
+    bm = al.BoundedModule(net, x, bound_opts=compat.default_bound_opts())
+    lb, ub = bm.compute_bounds(x=(al.BoundedTensor(x, al.PerturbationLpNorm(eps=0.1)),),
+                               method="CROWN")
+    assert lb.dtype == torch.float64
+    pts = x[:, None] + 0.1 * (2 * torch.rand(2, 500, 3, dtype=torch.float64) - 1)
+    with torch.no_grad():
+        y = net(pts)
+    assert (y >= lb[:, None] - TOL).all() and (y <= ub[:, None] + TOL).all()

@@ -1,0 +1,101 @@
+"""JacobianOf and the registered rj_plugin::Jacobian bound operator."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import rj_plugin
+from rj_plugin import JacobianOf
+from rj_plugin.lirpa import auto_LiRPA  # noqa: F401  (compat patches applied)
+from rj_plugin.models import build_mlp
+from tests import oracle
+
+from auto_LiRPA import BoundedModule, BoundedTensor  # noqa: E402, I001
+from auto_LiRPA.bound_op_map import bound_op_map  # noqa: E402
+from auto_LiRPA.perturbations import PerturbationLpNorm  # noqa: E402
+
+DT = torch.float64
+
+
+class MarginJacobian(nn.Module):
+    """Something after the node: directional derivatives C @ J, and |J| summed (a Lipschitz
+    bound of each output row for l_inf)."""
+
+    def __init__(self, net: nn.Module, direction: torch.Tensor, what: str) -> None:
+        super().__init__()
+        self.jac = JacobianOf(net)
+        self.register_buffer("direction", direction)
+        self.what = what
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        j = self.jac(x)  # [B, c, d]
+        if self.what == "abs-sum":
+            return j.abs().sum(-1)
+        return (j * self.direction).sum(-1)  # a JVP along a fixed direction
+
+
+@pytest.fixture(scope="module")
+def net() -> nn.Module:
+    torch.manual_seed(3)
+    return build_mlp(4, [10, 10], 3, "tanh").to(DT).eval()
+
+
+def test_importing_the_package_registers_the_operator() -> None:
+    assert "rj_plugin::Jacobian" in bound_op_map
+    assert "JacobianOP" not in str(bound_op_map.get("rj_plugin::Jacobian"))
+
+
+def test_forward_is_the_autograd_jacobian(net) -> None:
+    x = torch.rand(3, 4, dtype=DT)
+    torch.testing.assert_close(JacobianOf(net)(x), oracle.jacobians(net, x))
+
+
+@pytest.mark.parametrize("norm", [math.inf, 2.0])
+@pytest.mark.parametrize("preact", ["crown", "ibp", "alpha-crown"])
+def test_operator_route_equals_bound_jacobian(net, norm, preact) -> None:
+    x0 = torch.rand(2, 4, dtype=DT)
+    bm = BoundedModule(JacobianOf(net), x0, bound_opts={"recurjac": {"preact": preact}})
+    assert any(type(n).__name__ == "BoundRecurJacobian" for n in bm._modules.values())
+    bx = BoundedTensor(x0, PerturbationLpNorm(norm=norm, eps=0.1))
+    lb, ub = bm.compute_bounds(x=(bx,), method="IBP")
+    jb = rj_plugin.bound_jacobian(net, x0, eps=0.1, norm=norm, preact=preact)
+    assert torch.equal(lb, jb.lower) and torch.equal(ub, jb.upper)
+
+
+@pytest.mark.parametrize("method", ["IBP", "CROWN"])
+@pytest.mark.parametrize("what", ["abs-sum", "jvp"])
+def test_mixing_with_lirpa_after_the_node_is_sound(net, method, what) -> None:
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.rand(2, 4, generator=gen, dtype=DT)
+    direction = torch.randn(4, generator=gen, dtype=DT)
+    model = MarginJacobian(net, direction, what).eval()
+    bm = BoundedModule(model, x0)
+    eps = 0.15
+    bx = BoundedTensor(x0, PerturbationLpNorm(norm=math.inf, eps=eps))
+    lb, ub = bm.compute_bounds(x=(bx,), method=method)
+    for b in range(2):
+        pts = oracle.region_points(net, x0[b], eps, math.inf, 1500, gen,
+                                   [(0, 0, 1.0), (1, None, 1.0)])
+        with torch.no_grad():
+            true = torch.stack([model(p[None])[0] for p in pts])
+        assert (true >= lb[b] - 1e-10).all() and (true <= ub[b] + 1e-10).all()
+    if what == "abs-sum":  # |J| summed over the input is at least the l1 Lipschitz bound's
+        jb = rj_plugin.bound_jacobian(net, x0, eps=eps, norm="inf")
+        assert (ub >= jb.lipschitz() - 1e-9).all()
+
+
+def test_spec_matrix_after_the_node_with_crown(net) -> None:
+    gen = torch.Generator().manual_seed(1)
+    x0 = torch.rand(2, 4, generator=gen, dtype=DT)
+    bm = BoundedModule(JacobianOf(net), x0)
+    C = torch.randn(2, 5, 12, generator=gen, dtype=DT)
+    bx = BoundedTensor(x0, PerturbationLpNorm(norm=math.inf, eps=0.1))
+    lb, ub = bm.compute_bounds(x=(bx,), C=C, method="CROWN")
+    for b in range(2):
+        pts = oracle.region_points(net, x0[b], 0.1, math.inf, 1000, gen)
+        vals = oracle.jacobians(net, pts).flatten(1) @ C[b].T
+        assert (vals >= lb[b] - 1e-10).all() and (vals <= ub[b] + 1e-10).all()
