@@ -97,7 +97,7 @@ class JacobianBounds:
         return lip.operator_norm_product(self._net, self._activation_max, self.region.norm)
 
     def contains(self, jacobian: Tensor, atol: float = 0.0) -> Tensor:
-        """Which of the given Jacobians ``[B, N, n_out, *input_shape]`` lie in the bounds: ``[B, N]``."""
+        """Which Jacobians ``[B, N, n_out, *input_shape]`` lie in the bounds: ``[B, N]``."""
         lo, hi = self.lower[:, None], self.upper[:, None]
         ok = (jacobian >= lo - atol) & (jacobian <= hi + atol)
         return ok.flatten(2).all(-1)
@@ -136,6 +136,17 @@ def _run_algorithm(net: rj.JacobianDAG, region: Region, method: str, preact: str
                           timings, net, backward, options, activation_max)
 
 
+def _largest_batch(model: nn.Module, example: Tensor) -> int:
+    """1 if the traced graph only runs on a batch of one (some ONNX graphs fix the batch size in
+    a Reshape), else unlimited."""
+    try:
+        with torch.no_grad():
+            model(example[:1].expand(2, *example.shape[1:]))
+    except RuntimeError:
+        return 1
+    return 1 << 31
+
+
 class JacobianBounder:
     """A model prepared for repeated Jacobian bounds (graph, chain and linear maps built once).
 
@@ -167,10 +178,16 @@ class JacobianBounder:
         example = example.to(device=device, dtype=dtype)
         self.input_shape = tuple(example.shape[1:])
         self.graph = LirpaGraph(self.model, example, bound_opts, device)
+        self.max_batch = _largest_batch(self.graph.module, example)
         self.jacobian_graph: JacobianGraph = build_graph(self.graph.nodes, self.graph.input_name,
                                                          self.graph.output_name)
         self.edges = self.jacobian_graph.edges(dtype, device)
         self.preact_nodes = [a.input_node for a in self.jacobian_graph.activations]
+        # Convolutions and pooling are applied as such in RecurJac's sweeps (their dense
+        # matrices are mostly zeros); dense layers are applied as matrices.
+        structured = {"Conv", "AveragePool"}
+        self._push = (self.jacobian_graph.push if any(
+            lin.op in structured for lin in self.jacobian_graph.linear_nodes) else None)
         self.build_seconds = time.perf_counter() - start
 
     def derivative_ranges(self, region: Region, preact: str, alpha_iterations: int = 20,
@@ -180,6 +197,12 @@ class JacobianBounder:
             pairs = [a.activation.global_bounds(torch.zeros(region.batch, math.prod(a.shape),
                                                             dtype=self.dtype, device=self.device))
                      for a in self.jacobian_graph.activations]
+        elif region.batch > self.max_batch:  # e.g. ONNX graphs with a batch size fixed to 1
+            parts = [self.derivative_ranges(region.select(slice(b, b + self.max_batch)), preact,
+                                            alpha_iterations, alpha_lr)
+                     for b in range(0, region.batch, self.max_batch)]
+            return ([torch.cat([p[0][k] for p in parts]) for k in range(len(parts[0][0]))],
+                    [torch.cat([p[1][k] for p in parts]) for k in range(len(parts[0][1]))])
         else:
             ptb = make_perturbation(region.norm, region.eps, region.lower, region.upper)
             pre = self.graph.preactivation_bounds(region.center, ptb, self.preact_nodes, preact,
@@ -209,7 +232,7 @@ class JacobianBounder:
         start = time.perf_counter()
         g_lo, g_hi = self.derivative_ranges(region, preact, alpha_iterations, alpha_lr)
         timings = {"preact_s": time.perf_counter() - start}
-        net = rj.JacobianDAG(dict(self.edges), g_lo, g_hi)
+        net = rj.JacobianDAG(dict(self.edges), g_lo, g_hi, self._push)
         if C is not None:
             net = net.with_spec(_check_spec(C, net))
         options = {"intersect": intersect, "max_elements": max_elements}

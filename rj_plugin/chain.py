@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -103,6 +103,10 @@ class JacobianGraph:
             if name in values:
                 reached[t] = values[name].reshape(v.shape[0], -1)
         return reached
+
+    def push(self, source: int, v: Tensor) -> dict[int, Tensor]:
+        """:meth:`propagate` for flat vectors: ``v`` ``[R, n_source]`` -> ``{t: [R, n_t]}``."""
+        return self.propagate(source, v.reshape(v.shape[0], *self._shape(source)))
 
     def edges(self, dtype: torch.dtype, device: torch.device | str,
               max_elements: int = 1 << 24) -> dict[tuple[int, int], Tensor]:

@@ -3,6 +3,7 @@
     rj jacobian --model net.onnx --center x0.npy --eps 0.1 --norm inf --preact crown \\
                 --method recurjac --output out.json
     rj jacobian --model net.onnx --vnnlib prop.vnnlib --output out.json      # the vnnlib box(es)
+    rj run configs/digits-lipschitz.yaml --set data.end=3                   # a YAML-configured task
     rj demo                                                                  # bundled digits MLPs
 
 Every failure is one line on stderr naming the problem (``rj: error: ...``) and exit status 2;
@@ -102,7 +103,20 @@ def _jacobian_command(args: argparse.Namespace) -> int:
 def _demo_command(args: argparse.Namespace) -> int:
     from rj_plugin.demo import run_demo
 
-    return run_demo(images=args.images, eps_values=args.eps)
+    overrides = list(args.overrides or [])
+    if args.images is not None:
+        overrides.append(f"data.end={args.images}")
+    if args.eps is not None:
+        overrides.append(f"specification.eps={args.eps}")
+    return run_demo(overrides)
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    from rj_plugin.config import load_config
+    from rj_plugin.tasks.runner import run
+
+    code, _ = run(load_config(args.config, args.overrides))
+    return code
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,9 +143,19 @@ def build_parser() -> argparse.ArgumentParser:
     jac.add_argument("--device", default="cpu")
     jac.add_argument("--output", help="write the results as JSON here")
     jac.set_defaults(func=_jacobian_command)
-    demo = sub.add_parser("demo", help="bounds and Lipschitz constants on the bundled digits MLPs")
-    demo.add_argument("--images", type=int, default=3, help="test images per model")
-    demo.add_argument("--eps", type=float, nargs="+", default=[0.0, 0.01, 0.03, 0.1])
+    run = sub.add_parser("run", help="run one task of a YAML configuration (configs/README.md); "
+                         "exit status 1 when some input failed")
+    run.add_argument("config", help="the configuration file, e.g. configs/demo.yaml")
+    run.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[],
+                     metavar="SECTION.KEY=VALUE", help="override a key (value read as YAML)")
+    run.set_defaults(func=_run_command)
+    demo = sub.add_parser("demo", help="robustness and Lipschitz bounds on the bundled digits "
+                          "MLP (runs configs/demo.yaml)")
+    demo.add_argument("--images", type=int, default=None, help="test images (data.end)")
+    demo.add_argument("--eps", type=float, default=None,
+                      help="first radius of the searches (specification.eps)")
+    demo.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[],
+                      metavar="SECTION.KEY=VALUE", help="override a key of the demo config")
     demo.set_defaults(func=_demo_command)
     return parser
 

@@ -23,13 +23,13 @@ from rj_plugin.config import load_config
 DEMO_CONFIG: dict[str, Any] = {
     "general": {"device": "cpu", "dtype": "float64", "seed": 0, "results_dir": "results/demo"},
     "model": {"name": "digits-relu"},
-    "data": {"source": "digits", "split": "test", "start": 0, "end": 6},
+    "data": {"source": "digits", "split": "test", "start": 0, "end": 5},
     "specification": {"region": "ball", "norm": "inf", "eps": 0.01, "output": "margins"},
     "bounds": {"method": "crown"},
     "jacobian": {"method": "recurjac"},
-    "task": {"name": "robustness", "methods": ["integral", "crown"], "lipsteps": 10,
-             "steps": 12, "tolerance": 1e-4, "pgd": True, "pgd_steps": 30,
-             "pgd_restarts": 4, "pgd_search_steps": 10},
+    "task": {"name": "robustness", "methods": ["integral", "crown"], "lipsteps": 8,
+             "steps": 10, "tolerance": 1e-3, "pgd": True, "pgd_steps": 20,
+             "pgd_restarts": 3, "pgd_search_steps": 8},
 }
 
 

@@ -41,7 +41,7 @@ from rj_plugin.errors import UnsupportedLayerError
 
 DerivativeRule = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
-# Relative outward widening of evaluated smooth derivatives (float64 ulp is 2.2e-16, float32 1.2e-7).
+# Outward widening of evaluated smooth derivatives, in ulps (float64: 2.2e-16, float32: 1.2e-7).
 _ULP_WIDEN = 8.0
 
 

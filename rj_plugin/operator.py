@@ -34,10 +34,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from rj_plugin.lirpa import auto_LiRPA  # noqa: F401  (applies the compatibility patches first)
+from rj_plugin.lirpa import auto_LiRPA  # imported through the compatibility layer
 
-from auto_LiRPA.bound_op_map import register_custom_op  # noqa: E402, I001
-from auto_LiRPA.operators import Bound  # noqa: E402
+Bound = auto_LiRPA.operators.Bound
+register_custom_op = auto_LiRPA.bound_op_map.register_custom_op
 
 OP_NAME = "rj_plugin::Jacobian"
 DEFAULT_OPTIONS = {"preact": "crown", "method": "recurjac", "alpha_iterations": 20,

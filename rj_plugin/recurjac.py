@@ -58,6 +58,7 @@ the tighter bounds.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -79,11 +80,15 @@ class JacobianDAG:
             the output m may also be ``[B, c, n_s]`` (one specification per input, e.g. margins
             against each input's own label).
         g_lo, g_hi: ``m - 1`` tensors ``[B, n_t]``: ranges of sigma_t'(z_t(x)), t = 1..m-1.
+        push: optional structured application of the edges out of a node,
+            ``push(s, v [R, n_s]) -> {t: v @ A_{t<-s}^T [R, n_t]}`` (e.g. convolutions instead of
+            their dense matrices); RecurJac's sweeps use it for the edges between activations.
     """
 
     edges: dict[Edge, Tensor]
     g_lo: list[Tensor]
     g_hi: list[Tensor]
+    push: Callable[[int, Tensor], dict[int, Tensor]] | None = None
 
     def __post_init__(self) -> None:
         m = self.depth
@@ -137,7 +142,16 @@ class JacobianDAG:
         """The network C f (``C``: ``[k, c]`` or ``[B, k, c]``), C folded into the output edges."""
         m = self.depth
         edges = {e: (C @ a if e[1] == m else a) for e, a in self.edges.items()}
-        return JacobianDAG(edges, self.g_lo, self.g_hi)
+        return JacobianDAG(edges, self.g_lo, self.g_hi, self.push)
+
+    def push_from(self, s: int, v: Tensor) -> dict[int, Tensor]:
+        """``{t: v @ A_{t<-s}^T}`` for the activation successors t of s; v ``[..., n_s]``."""
+        targets = [t for t in self.successors[s] if t < self.depth]
+        if self.push is None or not targets:
+            return {t: v @ self.edges[(s, t)].T for t in targets}
+        lead = v.shape[:-1]
+        pushed = self.push(s, v.reshape(-1, v.shape[-1]))
+        return {t: pushed[t].reshape(*lead, -1) for t in targets}
 
 
 @dataclass
@@ -246,12 +260,10 @@ def upper_sweep(net: JacobianDAG, bounds: BackwardBounds, pending: dict[int, Ten
         acc = part if acc is None else acc + part
         v = (w * fold_neg).addcmul_(w_pos, fold_pos - fold_neg)
         del w, w_pos
-        for u in net.successors[t]:
-            if u == m:  # f_j = ... + A_{m<-t}[j, :] h_t: a dot product ends this path
-                acc += _rowdot(v, out_edges[t][:, :, None, :])
-            else:
-                pushed = v @ net.edges[(t, u)].T  # [B, c, K, n_u]
-                pending[u] = pushed if u not in pending else pending[u] + pushed
+        if t in out_edges:  # f_j = ... + A_{m<-t}[j, :] h_t: a dot product ends this path
+            acc += _rowdot(v, out_edges[t][:, :, None, :])
+        for u, pushed in net.push_from(t, v).items():  # [B, c, K, n_u]
+            pending[u] = pushed if u not in pending else pending[u] + pushed
     return acc
 
 

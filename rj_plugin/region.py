@@ -39,6 +39,12 @@ class Region:
     def batch(self) -> int:
         return self.center.shape[0]
 
+    def select(self, index: slice) -> Region:
+        """The sub-batch ``index`` of this region."""
+        pick = lambda t: None if t is None else t[index]  # noqa: E731
+        return Region(self.center[index], self.norm, self.eps, pick(self.lower), pick(self.upper),
+                      self.unbounded)
+
     def describe(self) -> dict:
         """A JSON-friendly description (for result files)."""
         if self.unbounded:
@@ -59,8 +65,9 @@ def _as_batch(x: Tensor, input_shape: tuple[int, ...] | None, what: str) -> Tens
         if tuple(x.shape) == tuple(input_shape):
             return x.unsqueeze(0)
         if tuple(x.shape[1:]) != tuple(input_shape):
+            dims = ", ".join(map(str, input_shape))
             raise InputError(f"{what} has shape {tuple(x.shape)}; the model takes "
-                             f"{tuple(input_shape)} (or a batch [B, {', '.join(map(str, input_shape))}])")
+                             f"{tuple(input_shape)} (or a batch [B, {dims}])")
     elif x.dim() < 2:
         x = x.unsqueeze(0)
     return x

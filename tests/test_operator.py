@@ -10,14 +10,13 @@ from torch import nn
 
 import rj_plugin
 from rj_plugin import JacobianOf
-from rj_plugin.lirpa import auto_LiRPA  # noqa: F401  (compat patches applied)
+from rj_plugin.lirpa import auto_LiRPA  # imported through the compatibility layer
 from rj_plugin.models import build_mlp
 from tests import oracle
 
-from auto_LiRPA import BoundedModule, BoundedTensor  # noqa: E402, I001
-from auto_LiRPA.bound_op_map import bound_op_map  # noqa: E402
-from auto_LiRPA.perturbations import PerturbationLpNorm  # noqa: E402
-
+BoundedModule, BoundedTensor = auto_LiRPA.BoundedModule, auto_LiRPA.BoundedTensor
+PerturbationLpNorm = auto_LiRPA.PerturbationLpNorm
+bound_op_map = auto_LiRPA.bound_op_map.bound_op_map
 DT = torch.float64
 
 
