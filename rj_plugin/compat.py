@@ -565,20 +565,27 @@ def _patch_optimize_in_model_dtype(al: types.ModuleType) -> bool:
     if "get_default_dtype()" not in _source(original):
         return False
 
-    def get_optimized_bounds(self: Any, x: Any = None, *args: Any, **kwargs: Any) -> Any:
+    cls.get_optimized_bounds = _mark(_in_model_dtype(original), "optimize_in_model_dtype")
+    return True
+
+
+def _in_model_dtype(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a ``BoundedModule`` method ``(self, x, ...)`` to run with the bounded input's dtype
+    as torch's default dtype (restored afterwards, also on errors); a no-op when they agree."""
+
+    def wrapper(self: Any, x: Any = None, *args: Any, **kwargs: Any) -> Any:
         dtype = _model_dtype(self, x)
         previous = torch.get_default_dtype()
         if dtype is None or dtype == previous or dtype not in (torch.float32, torch.float64):
-            return original(self, x, *args, **kwargs)
+            return method(self, x, *args, **kwargs)
         torch.set_default_dtype(dtype)
         try:
-            return original(self, x, *args, **kwargs)
+            return method(self, x, *args, **kwargs)
         finally:
             torch.set_default_dtype(previous)
 
-    get_optimized_bounds.__doc__ = original.__doc__
-    cls.get_optimized_bounds = _mark(get_optimized_bounds, "optimize_in_model_dtype")
-    return True
+    wrapper.__doc__ = method.__doc__
+    return wrapper
 
 
 def _patch_default_spec_dtype(al: types.ModuleType) -> bool:
@@ -601,19 +608,7 @@ def _patch_default_spec_dtype(al: types.ModuleType) -> bool:
     if "torch.eye(dim_output, device=self.device)" not in _source(original):
         return False
 
-    def compute_bounds(self: Any, x: Any = None, *args: Any, **kwargs: Any) -> Any:
-        dtype = _model_dtype(self, x)
-        previous = torch.get_default_dtype()
-        if dtype is None or dtype == previous or dtype not in (torch.float32, torch.float64):
-            return original(self, x, *args, **kwargs)
-        torch.set_default_dtype(dtype)
-        try:
-            return original(self, x, *args, **kwargs)
-        finally:
-            torch.set_default_dtype(previous)
-
-    compute_bounds.__doc__ = original.__doc__
-    cls.compute_bounds = _mark(compute_bounds, "default_spec_dtype")
+    cls.compute_bounds = _mark(_in_model_dtype(original), "default_spec_dtype")
     return True
 
 

@@ -25,6 +25,7 @@ dispatch is on the exact class name).
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,6 +67,36 @@ class GraphNode:
     value: Tensor | None
     output_shape: tuple[int, ...]
     attrs: dict[str, Any] = field(default_factory=dict)
+
+
+class _UnsupportedOps(logging.Handler):
+    """Collects the nodes auto_LiRPA logs as unsupported while it parses a model."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.nodes: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        node = record.args[0] if isinstance(record.args, tuple) and record.args else None
+        if "unsupported operation" in str(record.msg) and hasattr(node, "op"):
+            self.nodes.append(f"{node.name} (op {node.op.split('::')[-1]})")
+
+
+def _build_bounded_module(model: nn.Module, example: Tensor, opts: dict,
+                          device: torch.device) -> Any:
+    """``BoundedModule(model, example)``; an operator auto_LiRPA cannot parse becomes an
+    :class:`UnsupportedLayerError` naming the node(s) and op(s) (auto_LiRPA only logs them)."""
+    handler = _UnsupportedOps()
+    logger = logging.getLogger("auto_LiRPA")
+    logger.addHandler(handler)
+    try:
+        return BoundedModule(model, example, bound_opts=opts, device=device)
+    except NotImplementedError as exc:
+        nodes = ", ".join(handler.nodes) or str(exc)
+        raise UnsupportedLayerError(f"auto_LiRPA cannot bound this model: unsupported "
+                                    f"node(s) {nodes}") from None
+    finally:
+        logger.removeHandler(handler)
 
 
 def _kwarg_for_fixed_bounds() -> str:
@@ -125,7 +156,7 @@ class LirpaGraph:
         self.bound_opts = opts
         self.device = torch.device(device)
         self.dtype = example.dtype
-        self.module = BoundedModule(model, example, bound_opts=opts, device=self.device)
+        self.module = _build_bounded_module(model, example, opts, self.device)
         self.module.eval()
         with torch.no_grad():
             self.module(example)

@@ -98,7 +98,7 @@ def box_vertices(lower: Tensor, upper: Tensor, gen: torch.Generator, limit: int 
 def ascent_points(model: nn.Module, center: Tensor, eps: float, p: float,
                   objectives: list[tuple[int, int | None, float]], gen: torch.Generator,
                   steps: int = 25, starts: int = 2) -> Tensor:
-    """Points found by projected gradient ascent inside the ball.
+    """Points found by projected gradient ascent inside the ball, all objectives at once.
 
     Args:
         objectives: ``(row, column, sign)``: maximise ``sign * J[row, column]`` (column is a
@@ -107,27 +107,29 @@ def ascent_points(model: nn.Module, center: Tensor, eps: float, p: float,
         ``[len(objectives) * starts, *in]``.
     """
     q = {1.0: math.inf, 2.0: 2.0, math.inf: 1.0}[p]
-    found = []
-    for row, col, sign in objectives:
-        x = random_points(center, eps, p, starts, gen).requires_grad_(True)
-        step = eps / 4 if eps > 0 else 0.0
-        for _ in range(steps):
-            jac = torch.func.vmap(torch.func.jacrev(lambda z: model(z[None])[0]))(x)
-            jac = jac.flatten(2)[:, row]
-            val = jac[:, col] * sign if col is not None else jac.norm(p=q, dim=1)
-            (grad,) = torch.autograd.grad(val.sum(), x, allow_unused=True)
-            if grad is None or not torch.isfinite(grad).all():
-                break
-            with torch.no_grad():
-                g = grad.flatten(1)
-                if math.isinf(p):
-                    g = g.sign()
-                else:
-                    g = g / g.norm(dim=1, keepdim=True).clamp(min=1e-300)
-                x = project(x + step * g.reshape(x.shape), center, eps, p).requires_grad_(True)
-            step *= 0.85
-        found.append(x.detach())
-    return torch.cat(found)
+    n = len(objectives) * starts
+    rows = torch.tensor([o[0] for o in objectives for _ in range(starts)])
+    cols = torch.tensor([o[1] if o[1] is not None else -1 for o in objectives
+                         for _ in range(starts)])
+    signs = torch.tensor([o[2] for o in objectives for _ in range(starts)], dtype=center.dtype)
+    is_norm = cols < 0
+    x = random_points(center, eps, p, n, gen)
+    step = eps / 4
+    for _ in range(steps if eps > 0 else 0):
+        x.requires_grad_(True)
+        jac = torch.func.vmap(torch.func.jacrev(lambda z: model(z[None])[0]))(x).flatten(2)
+        row = jac[torch.arange(n), rows]  # [n, d]
+        entry = row.gather(1, cols.clamp(min=0)[:, None])[:, 0] * signs
+        value = torch.where(is_norm, row.norm(p=q, dim=1), entry)
+        (grad,) = torch.autograd.grad(value.sum(), x, allow_unused=True)
+        x = x.detach()
+        if grad is None or not torch.isfinite(grad).all():
+            break
+        g = grad.flatten(1)
+        g = g.sign() if math.isinf(p) else g / g.norm(dim=1, keepdim=True).clamp(min=1e-300)
+        x = project(x + step * g.reshape(x.shape), center, eps, p)
+        step *= 0.85
+    return x.detach()
 
 
 def region_points(model: nn.Module, center: Tensor, eps: float, p: float, n_random: int,
