@@ -53,7 +53,13 @@ Z_t = sum_s A_{t<-s} [S_s] [Z_s] (with S_0 Z_0 = I), J in sum_s A_{m<-s} [S_s] [
 
 With ``intersect=True`` (the default) RecurJac also takes the Fast-Lip step from the bounds of the
 descendants and keeps the intersection (both are sound); deeper levels then classify neurons with
-the tighter bounds.
+the tighter bounds.  For graphs given by dense matrices it finally intersects J's bounds with the
+forward interval product as well: the two directions are exact at opposite ends (the forward
+product at the input layer, the backward ones at the output layer), so on nets whose first
+hidden layer has the more certain derivatives (few inputs, or trained tanh nets) the forward
+product can be tighter.  It costs about a fifth of RecurJac's time on the 784-1024-1024-10
+reference; for structured graphs (``push`` given, e.g. CNNs) its dense products would dominate
+and it is skipped.
 """
 
 from __future__ import annotations
@@ -312,6 +318,9 @@ def recurjac_backward(net: JacobianDAG, *, intersect: bool = True,
             if intersect:
                 f_lo, f_hi = _fastlip_step(net, bounds, s)
                 lo, hi = torch.maximum(lo, f_lo), torch.minimum(hi, f_hi)
+        if intersect and s == 0 and net.push is None:
+            f_lo, f_hi = interval_forward(net)
+            lo, hi = torch.maximum(lo, f_lo), torch.minimum(hi, f_hi)
         bounds.lower[s], bounds.upper[s] = lo, hi
     return bounds
 
