@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -166,8 +167,14 @@ class JacobianBounder:
         if dtype not in (torch.float64, torch.float32):
             raise InputError(f"dtype must be float64 or float32, got {dtype}")
         start = time.perf_counter()
-        self.model = load_model(model) if not isinstance(model, nn.Module) else model
-        self.model = self.model.to(device=device, dtype=dtype).eval()
+        if isinstance(model, nn.Module):
+            tensors = list(model.parameters()) + list(model.buffers())
+            if any(t.is_floating_point() and (t.dtype != dtype or t.device != torch.device(device))
+                   for t in tensors):
+                model = copy.deepcopy(model)  # never convert the caller's module in place
+        else:
+            model = load_model(model)
+        self.model = model.to(device=device, dtype=dtype).eval()
         self.dtype, self.device = dtype, torch.device(device)
         if example is None:
             shape = input_shape or getattr(self.model, "rj_input_shape", None)

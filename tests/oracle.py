@@ -8,6 +8,9 @@ Points of a region are drawn three ways:
   norm of one gradient row, the quantities the bounds claim to contain.  (For piecewise-linear
   networks the Jacobian is piecewise constant and has no useful gradient; random points and
   vertices carry the test there.)
+
+This module deliberately uses nothing from ``rj_plugin`` (its projections repeat the formulas of
+``rj_plugin.attacks``), so that a bug in the library cannot hide in the ground truth.
 """
 
 from __future__ import annotations
