@@ -192,7 +192,7 @@ class JacobianBounder:
         self.preact_nodes = [a.input_node for a in self.jacobian_graph.activations]
         # Convolutions and pooling are applied as such in RecurJac's sweeps (their dense
         # matrices are mostly zeros); dense layers are applied as matrices.
-        structured = {"Conv", "AveragePool"}
+        structured = {"Conv", "ConvTranspose", "AveragePool"}
         self._push = (self.jacobian_graph.push if any(
             lin.op in structured for lin in self.jacobian_graph.linear_nodes) else None)
         self.build_seconds = time.perf_counter() - start

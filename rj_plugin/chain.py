@@ -219,6 +219,17 @@ def _conv(node: GraphNode, var: int, consts: list) -> LinearFn:
     return lambda v: conv(v, weight, None, stride, padding, dilation, groups)
 
 
+def _conv_transpose(node: GraphNode, var: int, consts: list) -> LinearFn:
+    if var != 0 or consts[1].dim() != 4:
+        raise UnsupportedLayerError(f"node {node.name} (ConvTranspose): only 2-d transposed "
+                                    "convolutions with constant weights are supported")
+    weight, a = consts[1], node.attrs
+    opts = {"stride": a.get("stride", 1), "padding": a.get("padding", 0),
+            "output_padding": a.get("output_padding", 0), "groups": a.get("groups", 1),
+            "dilation": a.get("dilation", 1)}
+    return lambda v: F.conv_transpose2d(v, weight, None, **opts)
+
+
 def _batchnorm(node: GraphNode, var: int, consts: list) -> LinearFn:
     if node.attrs.get("training", False):
         raise UnsupportedLayerError(f"node {node.name} (BatchNormalization) is in training mode;"
@@ -284,6 +295,7 @@ LINEAR_OPS: dict[str, LinearBuilder] = {
     "Dropout": _reshape_to_output,  # an eval-mode dropout is the identity
     "Transpose": _transpose,
     "Conv": _conv,
+    "ConvTranspose": _conv_transpose,
     "BatchNormalization": _batchnorm,
     "AveragePool": _avgpool,
 }

@@ -44,7 +44,8 @@ PREACT_METHODS = ("ibp", "crown", "crown-ibp", "alpha-crown")
 
 # Attributes that the chain builders read, copied off the auto_LiRPA node when present.
 _ATTRS = ("transA", "transB", "alpha", "beta", "axis", "perm", "stride", "padding", "dilation",
-          "groups", "epsilon", "training", "kernel_shape", "ceil_mode", "count_include_pad")
+          "groups", "epsilon", "training", "kernel_shape", "ceil_mode", "count_include_pad",
+          "output_padding")
 
 
 @dataclass

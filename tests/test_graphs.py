@@ -81,6 +81,9 @@ CASES = [(f"cnn-{a}-bn{int(bn)}-pool{int(pool)}", (lambda a=a, bn=bn, pool=pool:
           _cnn(ACT[a], bn, pool)), (1, 6, 6))
          for a, bn, pool in [("relu", False, False), ("relu", True, True), ("tanh", True, False),
                              ("sigmoid", False, True), ("leaky_relu", True, False)]]
+CASES += [("convtranspose-relu", lambda: nn.Sequential(
+    nn.Conv2d(1, 3, 3, stride=2, padding=1), nn.ReLU(), nn.ConvTranspose2d(3, 2, 3, stride=2),
+    nn.ReLU(), nn.Flatten(), nn.Linear(2 * 7 * 7, 4)), (1, 6, 6))]
 CASES += [(f"resmlp-{a}", (lambda a=a: ResidualMLP(5, 8, 3, ACT[a])), (5,))
           for a in ("relu", "tanh", "leaky_relu")]
 CASES += [(f"rescnn-{a}", (lambda a=a: ResidualCNN(ACT[a])), (1, 6, 6)) for a in ("relu", "tanh")]
