@@ -129,17 +129,6 @@ class JacobianGraph:
                 edges[(s, t)] = torch.cat(blocks, 0).T.contiguous()
         return edges
 
-    def describe(self) -> str:
-        """One line per node of the reduced graph (for logs and error messages)."""
-        lines = [f"input {self.input_node}: {self.input_shape}"]
-        for lin in self.linear_nodes:
-            lines.append(f"  {lin.op}[{lin.node}] <- {', '.join(lin.inputs)}")
-        for k, act in enumerate(self.activations, start=1):
-            lines.append(f"sigma_{k}: {act.activation.name} [{act.node}] on {act.shape} "
-                         f"<- {act.input_node}")
-        lines.append(f"output {self.output_node}: {self.output_shape}")
-        return "\n".join(lines)
-
 
 # ----------------------------------------------------------------------------------------------
 # Operator tables.  A builder gets the node, the index of its one variable input and the values

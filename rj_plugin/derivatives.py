@@ -53,13 +53,11 @@ class Activation:
         name: registry key, e.g. ``"relu"`` or ``"leaky_relu:0.01"`` (the slope is part of the
             name because it changes the rule).
         rule: ``(l, u) -> (g_lo, g_hi)``, see the module docstring.
-        nonnegative_derivative: True when sigma' >= 0 everywhere (a monotone activation).
         max_abs_derivative: sup |sigma'| over the real line (for operator-norm products).
     """
 
     name: str
     rule: DerivativeRule
-    nonnegative_derivative: bool
     max_abs_derivative: float
 
     def bounds(self, lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor]:
@@ -171,13 +169,13 @@ def get_activation(name: str) -> Activation:
         slope = float(param)
         if slope < 0:
             raise UnsupportedLayerError(f"leaky ReLU slope {slope} < 0 is not monotone")
-        act = Activation(name, _piecewise_linear_rule(slope, 1.0), True, max(1.0, slope))
+        act = Activation(name, _piecewise_linear_rule(slope, 1.0), max(1.0, slope))
     elif kind == "elu" and param:
         alpha = float(param)
         if not 0 <= alpha <= 1:
             raise UnsupportedLayerError(f"ELU alpha {alpha} outside [0, 1]: its derivative "
                                         "is then not monotone; not supported")
-        act = Activation(name, _monotone_rule(_elu_prime(alpha), 1.0), True, 1.0)
+        act = Activation(name, _monotone_rule(_elu_prime(alpha), 1.0), 1.0)
     else:
         known = ", ".join(sorted(_REGISTRY)) + ", leaky_relu:<slope>, elu:<alpha>"
         raise UnsupportedLayerError(f"unknown activation {name!r}; known: {known}")
@@ -186,11 +184,11 @@ def get_activation(name: str) -> Activation:
 
 
 for _act in (
-    Activation("relu", _piecewise_linear_rule(0.0, 1.0), True, 1.0),
-    Activation("tanh", _even_unimodal_rule(_tanh_prime, 1.0), True, 1.0),
-    Activation("sigmoid", _even_unimodal_rule(_sigmoid_prime, 0.25), True, 0.25),
-    Activation("arctan", _even_unimodal_rule(_arctan_prime, 1.0), True, 1.0),
-    Activation("softplus", _monotone_rule(torch.sigmoid, 1.0), True, 1.0),
-    Activation("hardtanh", _hardtanh_rule, True, 1.0),
+    Activation("relu", _piecewise_linear_rule(0.0, 1.0), 1.0),
+    Activation("tanh", _even_unimodal_rule(_tanh_prime, 1.0), 1.0),
+    Activation("sigmoid", _even_unimodal_rule(_sigmoid_prime, 0.25), 0.25),
+    Activation("arctan", _even_unimodal_rule(_arctan_prime, 1.0), 1.0),
+    Activation("softplus", _monotone_rule(torch.sigmoid, 1.0), 1.0),
+    Activation("hardtanh", _hardtanh_rule, 1.0),
 ):
     register_activation(_act)
