@@ -51,6 +51,7 @@ class JacobianBounds:
     _backward: rj.BackwardBounds | None = field(default=None, repr=False)
     _options: dict[str, Any] = field(default_factory=dict, repr=False)
     _activation_max: list[float] = field(default_factory=list, repr=False)
+    _slack: Tensor | None = field(default=None, repr=False)
 
     @property
     def batch(self) -> int:
@@ -85,6 +86,8 @@ class JacobianBounds:
         if math.isinf(self.region.norm) and self.method != "interval":
             signs = lip.fixed_signs(lower, upper)
             merged = rj.merged_row_upper(self._net, self._backward, signs, self.method)
+            if self._slack is not None:  # the merged row sums the same products
+                merged = merged + (self._slack * signs.abs()).sum(-1)
         return lip.row_lipschitz(lower, upper, self.region.norm, merged)
 
     def induced_norm(self) -> Tensor:
@@ -130,11 +133,13 @@ def _run_algorithm(net: rj.JacobianDAG, region: Region, method: str, preact: str
         lower, upper = backward.lower[0], backward.upper[0]
     else:
         lower, upper = rj.interval_forward(net)
+    slack = rj.rounding_slack(net)  # round outwards: rounding never moves J(x) outside
+    lower, upper = lower - slack, upper + slack
     timings["jacobian_s"] = time.perf_counter() - start
     batch = lower.shape[0]
     shape = (batch, lower.shape[1], *input_shape)
     return JacobianBounds(lower.reshape(shape), upper.reshape(shape), region, method, preact,
-                          timings, net, backward, options, activation_max)
+                          timings, net, backward, options, activation_max, slack)
 
 
 def _largest_batch(model: nn.Module, example: Tensor) -> int:
@@ -228,6 +233,19 @@ class JacobianBounder:
               intersect: bool = True, max_elements: int = rj.DEFAULT_MAX_ELEMENTS
               ) -> JacobianBounds:
         """Certified Jacobian bounds over ``region`` (see :func:`bound_jacobian`)."""
+        try:
+            iters = None if isinstance(alpha_iterations, bool) else alpha_iterations.__index__()
+        except (AttributeError, TypeError):
+            iters = None
+        if iters is None or iters < 1:
+            raise InputError(f"alpha_iterations must be an integer >= 1, got "
+                             f"{alpha_iterations!r}")
+        try:
+            lr = math.nan if isinstance(alpha_lr, bool) else float(alpha_lr)
+        except (TypeError, ValueError):
+            lr = math.nan
+        if not (math.isfinite(lr) and lr > 0):
+            raise InputError(f"alpha_lr must be a finite number > 0, got {alpha_lr!r}")
         if method not in METHODS:
             raise InputError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
         if preact not in PREACT_METHODS:

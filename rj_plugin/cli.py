@@ -3,11 +3,14 @@
     rj jacobian --model net.onnx --center x0.npy --eps 0.1 --norm inf --preact crown \\
                 --method recurjac --output out.json
     rj jacobian --model net.onnx --vnnlib prop.vnnlib --output out.json      # the vnnlib box(es)
+    rj jacobian --model net.pt --input-shape 1,28,28 --center x0.npy --eps 0.1  # shape not in .pt
     rj run configs/digits-lipschitz.yaml --set data.end=3                   # a YAML-configured task
     rj demo                                                                  # bundled digits MLPs
 
 Every failure is one line on stderr naming the problem (``rj: error: ...``) and exit status 2;
-result files are written atomically, so a failed run leaves none behind.
+options that need no model (device, alpha-CROWN settings, the output path) are checked before
+anything is loaded or computed, and result files are written atomically, so a failed run
+leaves none behind.
 """
 
 from __future__ import annotations
@@ -17,11 +20,15 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from rj_plugin.errors import InputError, RJError
+
+if TYPE_CHECKING:
+    from rj_plugin.api import JacobianBounder
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
@@ -40,13 +47,73 @@ def _load_array(path: str, what: str) -> np.ndarray:
     raise InputError(f"{what} file {path}: unknown extension {p.suffix!r} (use .npy, .txt, .csv)")
 
 
-def _jacobian_command(args: argparse.Namespace) -> int:
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``--input-shape``: ``"1,28,28"`` (also ``1x28x28``, ``[1, 28, 28]``) or ``"5"`` -> a
+    tuple of positive integers; InputError naming the option otherwise."""
+    body = text.strip().strip("[]()").replace("x", ",")
+    parts = [t.strip() for t in body.split(",")]
+    if parts and parts[-1] == "":  # "5," is a one-dimensional shape
+        parts.pop()
+    try:
+        dims = tuple(int(t) for t in parts)
+    except ValueError:
+        dims = ()
+    if not dims or any(d < 1 for d in dims):
+        raise InputError(f"--input-shape {text!r}: expected positive integers separated by "
+                         "commas, e.g. 1,28,28 or 5")
+    return dims
+
+
+def _check_options(args: argparse.Namespace) -> torch.device:
+    """Every check of ``rj jacobian``'s options that needs no model, run before anything is
+    loaded or computed: the device, the alpha-CROWN settings, the output file.  Returns the
+    device."""
+    from rj_plugin.config import parse_device
+    from rj_plugin.io.results import check_output_file
+
+    try:
+        device = parse_device(args.device)
+    except ValueError as exc:
+        raise InputError(f"--device: {exc}") from None
+    if args.alpha_iterations < 1:
+        raise InputError(f"--alpha-iterations must be an integer >= 1, got "
+                         f"{args.alpha_iterations}")
+    if not (math.isfinite(args.alpha_lr) and args.alpha_lr > 0):
+        raise InputError(f"--alpha-lr must be a finite number > 0, got {args.alpha_lr}")
+    if args.output:
+        problem = check_output_file(args.output)
+        if problem is not None:
+            raise InputError(f"--output {args.output}: cannot write the results: {problem}")
+    return device
+
+
+def _load_bounder(args: argparse.Namespace, dtype: torch.dtype,
+                  device: torch.device) -> JacobianBounder:
+    """The :class:`~rj_plugin.api.JacobianBounder` of ``--model``, with ``--input-shape`` when
+    the model does not record its input shape (an error naming the option when neither)."""
     from rj_plugin.api import JacobianBounder
+    from rj_plugin.models import load_model
+
+    shape = parse_shape(args.input_shape) if args.input_shape is not None else None
+    model = load_model(args.model, dtype=dtype, device=device)
+    recorded = getattr(model, "rj_input_shape", None)
+    if shape is None and recorded is None:
+        raise InputError(f"{args.model}: the model does not record its input shape; give "
+                         "--input-shape (e.g. --input-shape 1,28,28 or --input-shape 5)")
+    if shape is not None and recorded is not None and tuple(recorded) != shape:
+        raise InputError(f"--input-shape {args.input_shape}: the model {args.model} takes "
+                         f"{list(recorded)}, not {list(shape)}")
+    return JacobianBounder(model, input_shape=shape or tuple(recorded), dtype=dtype,
+                           device=device)
+
+
+def _jacobian_command(args: argparse.Namespace) -> int:
     from rj_plugin.io.results import atomic_write_json, package_versions
     from rj_plugin.io.vnnlib import read_vnnlib
 
     dtype = DTYPES[args.dtype]
-    bounder = JacobianBounder(args.model, dtype=dtype, device=args.device)
+    device = _check_options(args)
+    bounder = _load_bounder(args, dtype, device)
     shape = bounder.input_shape
     if args.vnnlib:
         spec = read_vnnlib(args.vnnlib)
@@ -137,10 +204,15 @@ def build_parser() -> argparse.ArgumentParser:
     jac.add_argument("--preact", default="crown",
                      choices=["ibp", "crown", "crown-ibp", "alpha-crown"])
     jac.add_argument("--method", default="recurjac", choices=["recurjac", "fastlip", "interval"])
-    jac.add_argument("--alpha-iterations", type=int, default=20)
-    jac.add_argument("--alpha-lr", type=float, default=0.1)
+    jac.add_argument("--input-shape", default=None, metavar="D1,D2,...",
+                     help="shape of one input, e.g. 1,28,28 or 5 (for .pt models that do not "
+                     "record it)")
+    jac.add_argument("--alpha-iterations", type=int, default=20,
+                     help="alpha-CROWN iterations (>= 1)")
+    jac.add_argument("--alpha-lr", type=float, default=0.1,
+                     help="alpha-CROWN learning rate (finite, > 0)")
     jac.add_argument("--dtype", default="float64", choices=sorted(DTYPES))
-    jac.add_argument("--device", default="cpu")
+    jac.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
     jac.add_argument("--output", help="write the results as JSON here")
     jac.set_defaults(func=_jacobian_command)
     run = sub.add_parser("run", help="run one task of a YAML configuration (configs/README.md); "

@@ -613,6 +613,226 @@ def _patch_default_spec_dtype(al: types.ModuleType) -> bool:
 
 
 # -------------------------------------------------------------------------------------------------
+# Soundness patches for l_p balls (p < inf)
+# -------------------------------------------------------------------------------------------------
+
+# Pure views of a tensor that keep C-order element positions: the center of a ball seen through
+# them is the ball's center reshaped.
+_VIEW_OPS = frozenset({"BoundReshape", "BoundFlatten", "BoundUnsqueeze", "BoundSqueeze"})
+# Marker on an ``Interval`` that *is* an l_p ball (a point interval at the ball's center).
+_BALL_MARK = "_rj_exact_ball"
+
+
+def _is_finite_lp(ptb: Any, al: types.ModuleType) -> bool:
+    norm = getattr(ptb, "norm", None)
+    return (isinstance(ptb, al.perturbations.PerturbationLpNorm) and norm is not None
+            and 0 < float(norm) < float("inf"))
+
+
+def _ball_root(node: Any, al: types.ModuleType) -> Any:
+    """The perturbed input node behind ``node`` if ``node`` is that input or a pure view of it
+    (reshape/flatten/(un)squeeze) and its perturbation is a finite-p ball, else None."""
+    while type(node).__name__ in _VIEW_OPS and getattr(node, "inputs", None):
+        node = node.inputs[0]
+    if type(node).__name__ != "BoundInput" or not _is_finite_lp(getattr(node, "perturbation",
+                                                                        None), al):
+        return None
+    center = getattr(node, "center", None)
+    return node if isinstance(center, torch.Tensor) else None
+
+
+def _patch_lp_input_box(al: types.ModuleType) -> bool:
+    """Give an l_p ball (1 <= p < inf) a sound interval: its enclosing box, not its center.
+
+    What broke: 0.3's ``PerturbationLpNorm.init`` sets the input node's interval to
+    ``[x0, x0]`` for p < inf and relies on the first Linear/Conv reading the perturbation's
+    ``(norm, eps)`` off that interval (``mid = v[0][0]``).  Every other consumer of the input
+    (``(x - m) / s``, ``2 * x``, ``tanh(x)``, the relaxation of an activation on the raw input,
+    a residual ``x + g(x)``) sees a single point, so IBP, CROWN, CROWN-IBP and alpha-CROWN all
+    return bounds of x0 alone (widths ~1e-15 whatever eps): unsound.  Unary monotone ops also
+    forward the perturbation object on their output interval, so a Linear after ``tanh(x)``
+    would apply the ball's radius around ``tanh(x0)``, which is only right for 1-Lipschitz ops.
+    Why it is correct: the ball ``||x - x0||_p <= eps`` lies in the box ``x0 +- eps`` (rounded
+    outwards), which becomes the input node's interval, so every op bounds a superset of the
+    ball.  ``Interval.get_perturbation`` reports l_inf (a box) for finite-p intervals, except
+    for a point interval that this patch itself marks as the ball's center; the Linear and Conv
+    interval rules, when their input is the ball (the input node or a pure reshape of it),
+    additionally run 0.3's dual-norm rule on that marked center and keep the intersection of
+    both (each is sound, so the intersection is).  CROWN's concretisation at the input never
+    read the interval (it uses the center and eps), so it is unchanged.
+    Guard: only when 0.3's ``init`` gives a finite-p ball the point interval (``x_L = x_U = x``).
+    """
+    ptb_cls = al.perturbations.PerturbationLpNorm
+    original_init = ptb_cls.init
+    if _is_marked(original_init) or "x_L = x_U = x" not in _source(original_init):
+        return False
+    interval_cls = al.operators.base.Interval
+    original_get = interval_cls.get_perturbation
+
+    def init(self: Any, x: Any, aux: Any = None, forward: bool = False) -> Any:
+        result = original_init(self, x, aux=aux, forward=forward)
+        if forward or not _is_finite_lp(self, al):
+            return result
+        bound, center, extra = result
+        eps = float(self.eps)
+        lower = torch.nextafter(x - eps, torch.full_like(x, float("-inf")))
+        upper = torch.nextafter(x + eps, torch.full_like(x, float("inf")))
+        return al.linear_bound.LinearBound(None, None, None, None, lower, upper), center, extra
+
+    def get_perturbation(interval: Any) -> Any:
+        ptb = getattr(interval, "ptb", None)
+        if _is_finite_lp(ptb, al) and not getattr(interval, _BALL_MARK, False):
+            return float("inf"), float("nan")
+        return original_get(interval)
+
+    original_make = interval_cls.make_interval
+
+    def make_interval(lb: Any, ub: Any, other: Any = None) -> Any:
+        # 0.3's Linear re-wraps its input interval with make_interval: keep the marker.
+        result = original_make(lb, ub, other)
+        if getattr(other, _BALL_MARK, False) and lb is other[0] and ub is other[1]:
+            setattr(result, _BALL_MARK, True)
+        return result
+
+    ptb_cls.init = _mark(init, "lp_input_box")
+    interval_cls.get_perturbation = staticmethod(_mark(get_perturbation, "lp_input_box"))
+    interval_cls.make_interval = staticmethod(_mark(make_interval, "lp_input_box"))
+    for cls in (al.operators.BoundLinear, al.operators.BoundConv,
+                al.operators.BoundConvTranspose):
+        cls.interval_propagate = _mark(_ball_aware_interval(cls.interval_propagate, al),
+                                       "lp_input_box")
+    return True
+
+
+def _ball_aware_interval(original: Callable[..., Any], al: types.ModuleType
+                         ) -> Callable[..., Any]:
+    """Wrap a Linear/Conv ``interval_propagate``: the box rule always; when the input is an l_p
+    ball, also 0.3's dual-norm rule on the ball's center, intersected with the box rule."""
+
+    def interval_propagate(self: Any, *v: Any, **kwargs: Any) -> Any:
+        box = original(self, *v, **kwargs)
+        root = None if self is None or not v else _ball_root(self.inputs[0], al)
+        if root is None:
+            return box
+        center = root.center.reshape(v[0][0].shape)
+        ball = al.operators.base.Interval(center, center, ptb=root.perturbation)
+        setattr(ball, _BALL_MARK, True)
+        try:
+            lp = original(self, ball, *v[1:], **kwargs)
+        except NotImplementedError:  # e.g. 0.3's ConvTranspose has no l_p rule
+            return box
+        return torch.maximum(box[0], lp[0]), torch.minimum(box[1], lp[1])
+
+    interval_propagate.__doc__ = original.__doc__
+    return interval_propagate
+
+
+def _patch_leaky_relu_steep(al: types.ModuleType) -> bool:
+    """Linear relaxation of a leaky ReLU whose negative slope exceeds 1.
+
+    What broke: 0.3's ``BoundLeakyRelu.bound_backward`` assumes slope a <= 1, where the function
+    is convex on an unstable interval: it takes the chord as the upper line and a line through
+    the origin (slope 1 or a) as the lower one.  For a > 1 the function is concave, the chord is
+    *below* it, and CROWN / CROWN-IBP / alpha-CROWN return pre-activation intervals with
+    lower > upper that exclude the true values (J(x0) itself falls outside at eps = 0).
+    Why it is correct: for a > 1, leaky(z) = min(z, a z) is concave, so on [l, u] (widened as 0.3
+    does to l <= 0 <= u) the chord through (l, a l) and (u, u) is a lower bound and every line
+    s z with 1 <= s <= a is an upper bound (z >= 0: s z >= z; z <= 0: s z >= a z).  We take
+    s = 1 when the chord's slope is nearer 1 (the interval is mostly positive), else a; both
+    are exact for stable neurons.  The rest mirrors 0.3's rule with the two roles swapped.
+    Guard: only when 0.3's rule builds ``upper_d`` from the chord; at run time only for a > 1
+    (slopes <= 1 go to the original rule).
+    """
+    cls = getattr(al.operators, "BoundLeakyRelu", None)
+    original = None if cls is None else getattr(cls, "bound_backward", None)
+    if original is None or _is_marked(original):
+        return False
+    if "upper_d = (ub_r - self.alpha * lb_r) / (ub_r - lb_r)" not in _source(original):
+        return False
+
+    def bound_backward(self: Any, last_lA: Any, last_uA: Any, x: Any = None, *args: Any,
+                       **kwargs: Any) -> Any:
+        slope = float(self.alpha)
+        if slope <= 1.0:
+            return original(self, last_lA, last_uA, x, *args, **kwargs)
+        src = x if x is not None else self
+        lb_r, ub_r = src.lower.clamp(max=0), src.upper.clamp(min=0)
+        ub_r = torch.max(ub_r, lb_r + 1e-8)
+        chord_d = (ub_r - slope * lb_r) / (ub_r - lb_r)
+        chord_b = slope * lb_r - lb_r * chord_d
+        tangent_d = torch.where(chord_d < (1.0 + slope) / 2, torch.ones_like(chord_d),
+                                torch.full_like(chord_d, slope))
+        chord_d, tangent_d = chord_d.unsqueeze(0), tangent_d.unsqueeze(0)
+        lA = uA = None
+        lbias = ubias = 0
+        if last_uA is not None:
+            pos, neg = last_uA.clamp(min=0), last_uA.clamp(max=0)
+            uA = tangent_d * pos + chord_d * neg
+            ubias = self.get_bias(neg, chord_b)
+        if last_lA is not None:
+            pos, neg = last_lA.clamp(min=0), last_lA.clamp(max=0)
+            lA = chord_d * pos + tangent_d * neg
+            lbias = self.get_bias(pos, chord_b)
+        return [(lA, uA)], lbias, ubias
+
+    cls.bound_backward = _mark(bound_backward, "leaky_relu_steep")
+    return True
+
+
+def _patch_avgpool_semantics(al: types.ModuleType) -> bool:
+    """Average pooling with the options the model really uses, and an exact backward rule.
+
+    What broke: 0.3's ``BoundAveragePool`` ignores the ONNX attributes ``ceil_mode`` and
+    ``count_include_pad`` (it hard-codes False / True), so ``count_include_pad=False`` with
+    padding computes different values than the model (and the IBP bounds of those values), and
+    ``ceil_mode=True`` changes the output shape (a shape error further on).  Its ``bound_backward``
+    (the matrix mode the plugin uses) transposes the pooling by nearest-neighbour upsampling,
+    which is only the transpose when the stride equals the kernel and there is no padding;
+    overlapping or padded pooling gets wrong CROWN coefficients.
+    Why it is correct: the forward uses the node's own attributes (ONNX defaults: ceil_mode 0,
+    count_include_pad 0), and the backward applies the exact transpose of that linear map,
+    ``avg_pool2d_backward`` (the vector-Jacobian product of the same pooling, linear in the
+    coefficients and differentiable, so alpha-CROWN's gradients flow through it).  IBP stays
+    0.3's monotone rule on the (now correct) forward: pooling has non-negative weights.
+    Guard: only when 0.3's ``__init__`` hard-codes ``self.count_include_pad = True``.
+    """
+    cls = getattr(al.operators, "BoundAveragePool", None)
+    original_init = None if cls is None else cls.__init__
+    if original_init is None or _is_marked(original_init):
+        return False
+    if "self.count_include_pad = True" not in _source(original_init):
+        return False
+    original_backward = cls.bound_backward
+
+    def __init__(self: Any, attr: Any, *args: Any, **kwargs: Any) -> None:  # noqa: N807
+        original_init(self, attr, *args, **kwargs)
+        self.ceil_mode = bool(attr.get("ceil_mode", 0))
+        self.count_include_pad = bool(attr.get("count_include_pad", 0))
+
+    def bound_backward(self: Any, last_lA: Any, last_uA: Any, x: Any, *args: Any,
+                       **kwargs: Any) -> Any:
+        if not all(a is None or isinstance(a, torch.Tensor) for a in (last_lA, last_uA)):
+            return original_backward(self, last_lA, last_uA, x, *args, **kwargs)
+        shape = tuple(self.input_shape[1:])
+
+        def transpose(last_A: Any) -> Any:
+            if last_A is None:
+                return None
+            flat = last_A.reshape(-1, *last_A.shape[2:])
+            reference = flat.new_empty(flat.shape[0], *shape)
+            grad = torch.ops.aten.avg_pool2d_backward(
+                flat, reference, list(self.kernel_size), list(self.stride), list(self.padding),
+                self.ceil_mode, self.count_include_pad, None)
+            return grad.reshape(*last_A.shape[:2], *shape)
+
+        return [(transpose(last_lA), transpose(last_uA))], 0, 0
+
+    cls.__init__ = _mark(__init__, "avgpool_semantics")
+    cls.bound_backward = _mark(bound_backward, "avgpool_semantics")
+    return True
+
+
+# -------------------------------------------------------------------------------------------------
 # Public API
 # -------------------------------------------------------------------------------------------------
 
@@ -630,6 +850,9 @@ _POST_IMPORT: tuple[tuple[str, Callable[[types.ModuleType], bool]], ...] = (
     ("sshape_table_dtype", _patch_sshape_table_dtype),
     ("optimize_in_model_dtype", _patch_optimize_in_model_dtype),
     ("default_spec_dtype", _patch_default_spec_dtype),
+    ("lp_input_box", _patch_lp_input_box),
+    ("leaky_relu_steep", _patch_leaky_relu_steep),
+    ("avgpool_semantics", _patch_avgpool_semantics),
 )
 
 

@@ -50,6 +50,7 @@ __all__ = [
     "Key",
     "RunConfig",
     "load_config",
+    "parse_device",
     "parse_override",
     "validate_config",
 ]
@@ -135,6 +136,50 @@ def _str(v: Any) -> str:
     return v
 
 
+def parse_device(text: str) -> Any:
+    """The ``torch.device`` named by ``text`` (cpu, cuda, cuda:1, ...), checked to exist here.
+
+    Raises ``ValueError`` saying what is wrong: a name torch does not parse, CUDA (or another
+    accelerator) requested where it is not available, a CUDA index beyond the devices present,
+    or the data-less ``meta`` device.  Shared by ``general.device`` and ``rj jacobian --device``.
+    """
+    import torch
+
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"{text!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{text!r} requested but CUDA is not available on this machine "
+                             "(use cpu)")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"{text!r}: there is no CUDA device {dev.index} (this machine has "
+                             f"{count})")
+        return dev
+    if dev.type == "meta":
+        raise ValueError(f"{text!r}: the meta device holds no data; use cpu or cuda")
+    try:
+        torch.empty(1, device=dev)
+    except Exception:  # noqa: BLE001 - any failure means the backend cannot hold tensors here
+        raise ValueError(f"{text!r}: device type {dev.type} is not available on this machine "
+                         "(use cpu or cuda)") from None
+    return dev
+
+
+def _device(v: Any) -> str:
+    """A device name that :func:`parse_device` accepts (kept as written)."""
+    name = _str(v)
+    try:
+        parse_device(name)
+    except ValueError as exc:
+        raise _Invalid(str(exc)) from None
+    return name
+
+
 def _choice(*options: str) -> Check:
     def check(v: Any) -> str:
         if not isinstance(v, str) or v not in options:
@@ -209,7 +254,8 @@ ROBUSTNESS_METHODS = ("integral", *PREACT)
 
 SCHEMA: dict[str, dict[str, Key]] = {
     "general": {
-        "device": Key(_str, "cpu", "string", "torch device (cpu, cuda, cuda:1, ...)"),
+        "device": Key(_device, "cpu", "string",
+                      "torch device (cpu, cuda, cuda:1, ...); must exist on this machine"),
         "dtype": Key(_choice("float64", "float32"), "float64", "float64 | float32",
                      "precision of every computation"),
         "seed": Key(_int(0), 0, "int >= 0", "seed of random points, PGD and sampling"),
@@ -394,6 +440,58 @@ class RunConfig:
         return copy.deepcopy(self.sections)
 
 
+class _DuplicateKey(yaml.YAMLError):
+    """A mapping repeats a key: ``name`` (dotted, e.g. ``general.seed``), the 1-based ``line``
+    of the repetition and the ``first`` line that gave it."""
+
+    def __init__(self, name: str, first: int, line: int) -> None:
+        super().__init__(f"{name}: given twice, at line {first} and again at line {line}")
+        self.name, self.first, self.line = name, first, line
+
+
+def _check_unique_keys(loader: yaml.SafeLoader, node: yaml.Node, path: str,
+                       seen_nodes: set[int]) -> None:
+    """Raise :class:`_DuplicateKey` for the first mapping under ``node`` that repeats a key.
+
+    Keys brought in by a ``<<`` merge may be overridden, as YAML allows; aliases are walked
+    once."""
+    if id(node) in seen_nodes:
+        return
+    seen_nodes.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[Any, int] = {}
+        for key_node, value_node in node.value:
+            child = path
+            if key_node.tag != "tag:yaml.org,2002:merge":
+                key = (loader.construct_object(key_node, deep=True)
+                       if isinstance(key_node, yaml.ScalarNode) else None)
+                line = key_node.start_mark.line + 1
+                child = f"{path}.{key}" if path else str(key)
+                if key is not None:
+                    if key in seen:
+                        raise _DuplicateKey(child, seen[key], line)
+                    seen[key] = line
+            _check_unique_keys(loader, value_node, child, seen_nodes)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_unique_keys(loader, item, f"{path}[{i}]", seen_nodes)
+
+
+def _load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` that also rejects a repeated key in any mapping (two ``task:``
+    sections, or a key given twice in one section), which ``safe_load`` would resolve silently
+    by keeping the last one."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_unique_keys(loader, node, "", set())
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def parse_override(text: str) -> tuple[str, str, Any]:
     """``"section.key=value"`` -> ``(section, key, value)``; the value is read as YAML."""
     if "=" not in text:
@@ -403,7 +501,9 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     if len(parts) != 2 or not all(parts):
         raise ConfigError(f"--set {text!r}: the key must be section.key, got {name.strip()!r}")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = _load_yaml(raw) if raw.strip() else None
+    except _DuplicateKey as exc:
+        raise ConfigError(f"--set {text!r}: {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"--set {text!r}: cannot read the value as YAML: "
                           f"{' '.join(str(exc).split())}") from None
@@ -618,7 +718,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not p.is_file():
             raise ConfigError(f"{path}: configuration file not found")
         try:
-            raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+            raw = _load_yaml(p.read_text(encoding="utf-8"))
+        except _DuplicateKey as exc:
+            raise ConfigError(f"{path}: {exc}; each section and each key may appear only "
+                              "once") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
         except UnicodeDecodeError as exc:

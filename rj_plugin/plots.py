@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from rj_plugin.io.results import new_file_mode
+
 __all__ = [
     "as_image",
     "global_bars",
@@ -42,6 +44,7 @@ def _save(fig: Any, path: Path) -> Path:
     os.close(fd)
     try:
         fig.savefig(tmp, format="png")
+        os.chmod(tmp, new_file_mode())  # mkstemp makes 0600; give open()'s mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

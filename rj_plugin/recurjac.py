@@ -391,3 +391,37 @@ def merged_row_upper(net: JacobianDAG, bounds: BackwardBounds, signs: Tensor,
         t_lo, t_hi = _interval_mul(bounds.lower[t], bounds.upper[t], g_lo, g_hi)
         total = total + torch.maximum(t_lo * w, t_hi * w).sum(-1)
     return total
+
+
+# ----------------------------------------------------------------------------------------------
+# floating point
+
+
+def magnitude_product(net: JacobianDAG) -> Tensor:
+    """M = sum over paths of |A_{m<-t}| G_t |A_{t<-s}| ... G_1 |A_{1<-0}|, ``[B, c, n_0]``,
+    with G_t = diag(max(|g_lo|, |g_hi|)): an entrywise bound on the magnitude of every product
+    term that any of the bound algorithms (and autograd's J(x)) sums up.
+
+    One Fast-Lip pass on the network with |A| and derivative ranges [0, max|sigma'|].
+    """
+    abs_edges = {e: a.abs() for e, a in net.edges.items()}
+    g_mag = [torch.maximum(lo.abs(), hi.abs()) for lo, hi in zip(net.g_lo, net.g_hi, strict=True)]
+    magnitudes = JacobianDAG(abs_edges, [torch.zeros_like(g) for g in g_mag], g_mag)
+    return fastlip_backward(magnitudes).upper[0]
+
+
+def rounding_slack(net: JacobianDAG) -> Tensor:
+    """How far rounding can move a computed Jacobian bound, entrywise: ``[B, c, n_0]``.
+
+    Every bound here, and the true J(x), is a sum over paths of products of edge entries and
+    derivative values; in floating point (unit roundoff u) such a sum of products with N
+    accumulated terms along the way is off by at most gamma_N * M, gamma_N = N u / (1 - N u)
+    (Higham, Accuracy and Stability of Numerical Algorithms, section 3.5), where M is
+    :func:`magnitude_product`.  The slack is 2 gamma_N M with N the number of neurons of all nodes
+    plus a few operations per level: one gamma for the bound's own arithmetic and one for the
+    value autograd computes at a point, so that neither can end up outside the other.
+    """
+    n_terms = sum(net.sizes.values()) + 8 * (net.depth + 1)
+    unit = torch.finfo(next(iter(net.edges.values())).dtype).eps / 2
+    gamma = n_terms * unit / (1 - n_terms * unit)
+    return 2 * gamma * magnitude_product(net)

@@ -20,6 +20,9 @@ al = compat.import_auto_lirpa()
 
 METHODS = ("IBP", "CROWN", "CROWN-IBP", "CROWN-Optimized")
 KNOWN_PATCHES = {
+    "avgpool_semantics",
+    "lp_input_box",
+    "leaky_relu_steep",
     "numpy_arraysetops",
     "onnx_set_opset_version",
     "onnx_optimize_graph",

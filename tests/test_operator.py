@@ -98,3 +98,62 @@ def test_spec_matrix_after_the_node_with_crown(net) -> None:
         pts = oracle.region_points(net, x0[b], 0.1, math.inf, 1000, gen)
         vals = oracle.jacobians(net, pts).flatten(1) @ C[b].T
         assert (vals >= lb[b] - 1e-10).all() and (vals <= ub[b] + 1e-10).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# The node's bound cache is keyed on the region's values (issue #7, item 4)
+
+
+def _assert_contains_true_jacobians(net: nn.Module, lb: torch.Tensor, ub: torch.Tensor,
+                                    pts: list[torch.Tensor]) -> None:
+    """Every true Jacobian (torch.func) at the points ``pts[b]: [N, d]`` lies in the bounds
+    ``lb[b], ub[b]: [n_out, d]``."""
+    for b, p in enumerate(pts):
+        jac = oracle.jacobians(net, p)
+        assert (jac >= lb[b] - 1e-10).all() and (jac <= ub[b] + 1e-10).all()
+
+
+@pytest.mark.parametrize("norm", [math.inf, 2.0])
+def test_reused_perturbation_with_a_new_eps_gives_the_new_regions_bounds(net, norm) -> None:
+    """A radius search reuses one PerturbationLpNorm and only sets ``ptb.eps``: every call must
+    bound the new ball (the cache keyed on data pointers and id(ptb) returned the first ball's
+    bounds for p = 2, whose interval is the unchanged center)."""
+    gen = torch.Generator().manual_seed(4)
+    x0 = torch.rand(2, 4, generator=gen, dtype=DT)
+    bm = BoundedModule(JacobianOf(net), x0)
+    ptb = PerturbationLpNorm(norm=norm, eps=0.02)
+    bx = BoundedTensor(x0, ptb)
+    widths = []
+    for eps in (0.02, 0.1, 0.4):
+        ptb.eps = eps
+        for method in ("IBP", "CROWN"):
+            lb, ub = bm.compute_bounds(x=(bx,), method=method)
+            fresh = rj_plugin.bound_jacobian(net, x0, eps=eps, norm=norm)
+            assert torch.equal(lb, fresh.lower) and torch.equal(ub, fresh.upper)
+            pts = [oracle.region_points(net, x0[b], eps, norm, 400, gen, [(0, 0, 1.0)])
+                   for b in range(2)]
+            _assert_contains_true_jacobians(net, lb, ub, pts)
+        widths.append(float((ub - lb).sum()))
+    assert widths[0] < widths[1] < widths[2]
+
+
+def test_box_moved_in_place_gives_the_new_boxs_bounds(net) -> None:
+    """x_L / x_U of a box perturbation moved in place (same tensors, same perturbation): the
+    bounds are those of the new box and contain its true Jacobians."""
+    gen = torch.Generator().manual_seed(5)
+    x0 = torch.rand(2, 4, generator=gen, dtype=DT)
+    x_lo, x_hi = x0 - 0.02, x0 + 0.02
+    bm = BoundedModule(JacobianOf(net), x0)
+    bx = BoundedTensor(x0, PerturbationLpNorm(norm=math.inf, x_L=x_lo, x_U=x_hi))
+    first = bm.compute_bounds(x=(bx,), method="IBP")
+    for shift, grow in ((0.0, 0.2), (0.3, 0.0), (-0.5, 0.4)):
+        x_lo.add_(shift - grow)
+        x_hi.add_(shift + grow)
+        for method in ("IBP", "CROWN"):
+            lb, ub = bm.compute_bounds(x=(bx,), method=method)
+            fresh = rj_plugin.bound_jacobian(net, lower=x_lo, upper=x_hi)
+            assert torch.equal(lb, fresh.lower) and torch.equal(ub, fresh.upper)
+            pts = [torch.cat([oracle.box_points(x_lo[b], x_hi[b], 400, gen),
+                              oracle.box_vertices(x_lo[b], x_hi[b], gen)]) for b in range(2)]
+            _assert_contains_true_jacobians(net, lb, ub, pts)
+    assert not torch.equal(lb, first[0]) and not torch.equal(ub, first[1])

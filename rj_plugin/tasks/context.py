@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from rj_plugin.api import JacobianBounder, JacobianBounds
-from rj_plugin.config import RunConfig
+from rj_plugin.config import RunConfig, parse_device
 from rj_plugin.errors import InputError
 from rj_plugin.lipschitz import parse_norm
 from rj_plugin.lirpa import make_perturbation
@@ -112,9 +112,10 @@ class RunContext:
         self.results_dir = results_dir
         general = cfg["general"]
         self.dtype = DTYPES[general["dtype"]]
-        self.device = torch.device(general["device"])
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise cfg.error("general.device", "CUDA is not available on this machine")
+        try:
+            self.device = parse_device(general["device"])
+        except ValueError as exc:
+            raise cfg.error("general.device", str(exc)) from None
         module, shape, self.model_info = build_model(cfg)
         self.bounder = JacobianBounder(module, input_shape=shape, dtype=self.dtype,
                                        device=self.device)
@@ -128,6 +129,11 @@ class RunContext:
             raise InputError(f"the model's output has shape {tuple(out.shape)}; expected "
                              "[B, n_outputs]")
         self.n_out = out.shape[1]
+        target = cfg["specification"]["target"]
+        if target is not None and not 0 <= target < self.n_out:
+            raise cfg.error("specification.target", f"{target} is not an output index: the "
+                                                    f"model has {self.n_out} outputs "
+                                                    f"(0..{self.n_out - 1})")
         self.batchable = self._accepts_batches(probe)
         self.model_info["n_outputs"] = self.n_out
         self.norm_name = cfg["specification"]["norm"]

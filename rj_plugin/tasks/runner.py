@@ -12,6 +12,13 @@ exception marks that input failed, with its reason, and the run goes on), then w
 * the task's PNG plots;
 
 and print a summary table.  The exit status is 0, or 1 when any input failed.
+
+The results folder is checked before anything is computed (a file in its place, or a folder that
+cannot be written, is a configuration error naming ``general.results_dir``).  A rerun into the
+same folder replaces the previous run's outputs: after the new results are written, the files
+the previous ``results.json`` lists (its plots, and ``results.csv``) that this run did not
+write again are deleted, so the folder always matches its ``results.json``.  Nothing else in
+the folder is touched.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from __future__ import annotations
 import csv
 import datetime
 import io
+import json
 import sys
 import time
 from pathlib import Path
@@ -28,7 +36,12 @@ import torch
 import yaml
 
 from rj_plugin.config import RunConfig
-from rj_plugin.io.results import atomic_write_json, atomic_write_text, package_versions
+from rj_plugin.io.results import (
+    atomic_write_json,
+    atomic_write_text,
+    check_output_dir,
+    package_versions,
+)
 from rj_plugin.tasks import TASK_CLASSES
 from rj_plugin.tasks.base import Record, Task, short_id
 from rj_plugin.tasks.context import RunContext
@@ -41,6 +54,54 @@ def results_dir_for(cfg: RunConfig) -> Path:
         return Path(cfg["general"]["results_dir"])
     stem = Path(cfg.source.split(" (with --set")[0]).stem or "run"
     return Path("results") / (stem if stem not in ("<dict>", "") else "run")
+
+
+#: The files every run writes into its results folder (besides the task's plots).
+OWN_FILES = ("results.json", "results.csv", "config.yaml")
+
+
+def check_results_dir(cfg: RunConfig, results_dir: Path) -> None:
+    """ConfigError naming ``general.results_dir`` when the results cannot be written there (a
+    file in the folder's place or above it, a folder that is not writable, a folder where one of
+    :data:`OWN_FILES` goes).  Creates nothing."""
+    key = "general.results_dir"
+    if cfg["general"]["results_dir"] is None:
+        key += f" (default {results_dir})"
+    problem = check_output_dir(results_dir)
+    if problem is None:
+        problem = next((f"{results_dir / name} is a folder, so the {name} of this run cannot be "
+                        "written" for name in OWN_FILES if (results_dir / name).is_dir()), None)
+    if problem is not None:
+        raise cfg.error(key, f"cannot write the results: {problem}")
+
+
+def previous_outputs(results_dir: Path) -> set[str]:
+    """Names of the files that the previous run in ``results_dir`` wrote and may be stale: the
+    plots its ``results.json`` lists, and ``results.csv``.  Empty when there is no readable
+    ``results.json`` written by ``rj run`` (so files of other origin are never claimed)."""
+    try:
+        doc = json.loads((results_dir / "results.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return set()
+    if not (isinstance(doc, dict) and isinstance(doc.get("files"), list)
+            and isinstance(doc.get("records"), list) and "task" in doc):
+        return set()
+    names = {n for n in doc["files"] if isinstance(n, str) and n and n == Path(n).name
+             and not n.startswith(".") and n not in ("results.json", "config.yaml")}
+    return names | {"results.csv"}
+
+
+def remove_stale(results_dir: Path, previous: set[str], written: list[Path]) -> list[str]:
+    """Delete the previous run's files (``previous``, from :func:`previous_outputs`) that this
+    run did not write again; only plain files directly in ``results_dir``.  Returns their names."""
+    keep = {p.name for p in written}
+    removed = []
+    for name in sorted(previous - keep):
+        path = results_dir / name
+        if path.is_file() and not path.is_symlink():
+            path.unlink(missing_ok=True)
+            removed.append(name)
+    return removed
 
 
 def _run_one(task: Task, ctx: RunContext, item: InputItem) -> Record:
@@ -102,6 +163,8 @@ def run(cfg: RunConfig, out: TextIO | None = None) -> tuple[int, Path]:
     wall = time.perf_counter()
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     results_dir = results_dir_for(cfg)
+    check_results_dir(cfg, results_dir)
+    previous = previous_outputs(results_dir)
     torch.manual_seed(cfg["general"]["seed"])
     ctx = RunContext(cfg, results_dir)
     items = load_inputs(cfg, ctx.input_shape, ctx.dtype, ctx.device)
@@ -148,6 +211,7 @@ def run(cfg: RunConfig, out: TextIO | None = None) -> tuple[int, Path]:
         written.append(atomic_write_text(results_dir / "results.csv", _csv_text(*table)))
     written.append(atomic_write_text(results_dir / "config.yaml",
                                      yaml.safe_dump(cfg.to_dict(), sort_keys=False)))
+    removed = remove_stale(results_dir, previous, [*written, *files])
     print(format_table(task, records), file=out)
     if summary:
         print("summary: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
@@ -157,4 +221,6 @@ def run(cfg: RunConfig, out: TextIO | None = None) -> tuple[int, Path]:
     print(f"{len(records) - len(failed)}/{len(records)} inputs ok in "
           f"{time.perf_counter() - wall:.1f}s; wrote "
           + ", ".join(p.name for p in [*written, *files]) + f" to {results_dir}", file=out)
+    if removed:
+        print(f"removed the previous run's {', '.join(removed)}", file=out)
     return (1 if failed or finish_error else 0), results_dir
