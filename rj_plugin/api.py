@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from rj_plugin import lipschitz as lip
 from rj_plugin import recurjac as rj
 from rj_plugin.chain import JacobianGraph, build_graph
-from rj_plugin.errors import InputError
+from rj_plugin.errors import InputError, UnsupportedLayerError
 from rj_plugin.lirpa import PREACT_METHODS, LirpaGraph, make_perturbation
 from rj_plugin.models import load_model
 from rj_plugin.region import Region, make_region
@@ -142,6 +142,31 @@ def _run_algorithm(net: rj.JacobianDAG, region: Region, method: str, preact: str
                           timings, net, backward, options, activation_max, slack)
 
 
+def _checked_interval(lower: Tensor, upper: Tensor, act: Any, preact: str, batch: int
+                      ) -> tuple[Tensor, Tensor]:
+    """Validate the pre-activation interval auto_LiRPA returned for ``act``: ``[B, n]`` each.
+
+    NaN or inf, or lower > upper by more than rounding (a relaxation that excludes the true
+    values), is an error naming the node, the activation and the method; a crossing within a few
+    hundred ulps of the magnitude (rounding at eps = 0) is replaced by its hull.
+    """
+    lower, upper = lower.reshape(batch, -1), upper.reshape(batch, -1)
+    if not (torch.isfinite(lower).all() and torch.isfinite(upper).all()):
+        raise InputError(f"pre-activation bounds of node {act.input_node} ({act.op}) from "
+                         f"{preact} are not finite")
+    crossing = lower - upper
+    if (crossing > 0).any():
+        scale = torch.maximum(lower.abs(), upper.abs()) + 1.0
+        tolerance = 256 * torch.finfo(lower.dtype).eps * scale
+        if (crossing > tolerance).any():
+            raise UnsupportedLayerError(
+                f"{preact} returned pre-activation bounds with lower > upper (by up to "
+                f"{float(crossing.max()):.3g}) at node {act.input_node} before {act.op} "
+                f"({act.activation.name}): its relaxation is unsound here; refusing")
+        lower, upper = torch.minimum(lower, upper), torch.maximum(lower, upper)
+    return lower, upper
+
+
 def _largest_batch(model: nn.Module, example: Tensor) -> int:
     """1 if the traced graph only runs on a batch of one (some ONNX graphs fix the batch size in
     a Reshape), else unlimited."""
@@ -221,10 +246,7 @@ class JacobianBounder:
                                                   alpha_iterations, alpha_lr)
             pairs = []
             for act in self.jacobian_graph.activations:
-                lo, hi = pre[act.input_node]
-                lo, hi = lo.reshape(region.batch, -1), hi.reshape(region.batch, -1)
-                if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
-                    raise InputError(f"pre-activation bounds of {act.input_node} are not finite")
+                lo, hi = _checked_interval(*pre[act.input_node], act, preact, region.batch)
                 pairs.append(act.activation.bounds(lo, hi))
         return [p[0] for p in pairs], [p[1] for p in pairs]
 

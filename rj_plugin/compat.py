@@ -832,6 +832,84 @@ def _patch_avgpool_semantics(al: types.ModuleType) -> bool:
     return True
 
 
+def _patch_best_ret_any_rank(al: types.ModuleType) -> bool:
+    """alpha-CROWN's best-result bookkeeping for bounds of any rank.
+
+    What broke: 0.3's ``optimized_bounds._update_best_ret`` finds the improved batch entries with
+    ``(new > best).any(dim=1).view(-1)``, which is one flag per batch entry only for 2-d bounds.
+    The bounds of a convolutional node are ``[B, C, H, W]``: the mask gets B*H*W flags and
+    indexing the batch with it raises ``IndexError`` (alpha-CROWN on any CNN with two conv
+    layers, where a conv pre-activation node is optimised).
+    Why it is correct: the same update -- per batch entry, keep the elementwise better of the new
+    and the best bounds (and results) where any element improved -- with the mask reduced over
+    all non-batch dimensions, which is what the 2-d case computes.
+    Guard: only when 0.3's function reduces with ``.any(dim=1).view(-1)``.
+    """
+    module = getattr(al, "optimized_bounds", None)
+    original = None if module is None else getattr(module, "_update_best_ret", None)
+    if original is None or _is_marked(original):
+        return False
+    if ".any(dim=1).view(-1)" not in _source(original):
+        return False
+
+    def update_best_ret(full_ret_bound: torch.Tensor, best_ret_bound: torch.Tensor,
+                        full_ret: Any, best_ret: Any, need_update: bool, idx: int) -> Any:
+        if idx not in (0, 1):
+            raise ValueError("idx is 0 (lower bound) or 1 (upper bound)")
+        improved = full_ret_bound > best_ret_bound if idx == 0 else \
+            full_ret_bound < best_ret_bound
+        better = torch.maximum if idx == 0 else torch.minimum
+        mask = improved.reshape(improved.shape[0], -1).any(dim=1)
+        rows = None
+        if mask.any():
+            need_update = True
+            rows = mask.nonzero(as_tuple=True)[0]
+            best_ret_bound[rows] = better(full_ret_bound[rows], best_ret_bound[rows])
+            if full_ret[idx] is not None:
+                best_ret[idx][rows] = better(full_ret[idx][rows], best_ret[idx][rows])
+        return best_ret_bound, best_ret, mask, rows, need_update
+
+    module._update_best_ret = _mark(update_best_ret, "best_ret_any_rank")
+    return True
+
+
+def _patch_softplus_relaxation(al: types.ModuleType) -> bool:
+    """A linear relaxation for softplus, so CROWN and alpha-CROWN bound it.
+
+    What broke: 0.3's ``BoundSoftplus`` has no ``bound_relax``; CROWN on a net with softplus
+    raises ``NotImplementedError`` (only IBP works).
+    Why it is correct: softplus(z) = log(1 + e^z) is convex, so on [l, u] its chord lies above it
+    and its tangent at any point (here the midpoint m, slope sigmoid(m)) lies below it.  For
+    l = u the chord is replaced by the tangent at l (exact there).  Both lines are moved outwards
+    by a few ulps of the magnitudes involved, so rounding in the evaluated values (and the
+    cancellation in the chord's slope when u - l is tiny, whose effect on [l, u] is at most a few
+    ulps of softplus) cannot cross the function.
+    Guard: only when ``BoundSoftplus`` does not define its own ``bound_relax``.
+    """
+    cls = getattr(al.operators, "BoundSoftplus", None)
+    if cls is None or "bound_relax" in cls.__dict__:
+        return False
+
+    def bound_relax(self: Any, x: Any) -> None:
+        lower, upper = x.lower, x.upper
+        sp = torch.nn.functional.softplus
+        ulp = torch.finfo(lower.dtype).eps * 16
+        mid = (lower + upper) / 2
+        k_low = torch.sigmoid(mid)
+        b_low = sp(mid) - k_low * mid
+        f_l, f_u = sp(lower), sp(upper)
+        width = upper - lower
+        chord = (f_u - f_l) / torch.where(width > 0, width, torch.ones_like(width))
+        k_up = torch.where(width > 0, chord, torch.sigmoid(lower))
+        b_up = f_l - k_up * lower
+        slack = ulp * (f_l.abs() + f_u.abs() + k_up.abs() * (lower.abs() + upper.abs()) + 1e-300)
+        self.lw, self.lb = k_low, b_low - ulp * (b_low.abs() + (k_low * mid).abs())
+        self.uw, self.ub = k_up, b_up + slack
+
+    cls.bound_relax = _mark(bound_relax, "softplus_relaxation")
+    return True
+
+
 # -------------------------------------------------------------------------------------------------
 # Public API
 # -------------------------------------------------------------------------------------------------
@@ -853,6 +931,8 @@ _POST_IMPORT: tuple[tuple[str, Callable[[types.ModuleType], bool]], ...] = (
     ("lp_input_box", _patch_lp_input_box),
     ("leaky_relu_steep", _patch_leaky_relu_steep),
     ("avgpool_semantics", _patch_avgpool_semantics),
+    ("best_ret_any_rank", _patch_best_ret_any_rank),
+    ("softplus_relaxation", _patch_softplus_relaxation),
 )
 
 
@@ -937,3 +1017,133 @@ def import_auto_lirpa() -> types.ModuleType:
     """Apply the patches, then import and return the ``auto_LiRPA`` module."""
     apply()
     return importlib.import_module("auto_LiRPA")
+
+
+# -------------------------------------------------------------------------------------------------
+# MatMul of a constant by a perturbed operand (issue #7, item 8: ``C @ JacobianOf(net)(x)``).
+# Registered below, after the public API, by extending ``_POST_IMPORT``.
+# -------------------------------------------------------------------------------------------------
+
+
+def _dense_coefficients(last_A: Any, dtype: torch.dtype, utils: Any) -> torch.Tensor | None:
+    """A backward coefficient ``last_A`` as a dense tensor ``[spec, B, *out]``, or None when it is
+    of a kind this helper does not know (Patches, a tuple index, ...).
+
+    0.3 passes a tensor, an identity ``eyeC(shape=[spec, B, *out])`` or a one-hot
+    ``OneHotC(shape=[spec, B, *out], index, coeffs)`` whose ``index`` holds, per spec row
+    (``[spec]``, shared by the batch) or per spec row and batch entry (``[spec, B]``), the flat
+    position of the single non-zero entry of that row (value ``coeffs``, or 1 when ``coeffs`` is
+    None).
+    """
+    if isinstance(last_A, torch.Tensor):
+        return last_A.to(dtype)
+    if isinstance(last_A, utils.eyeC):
+        spec = last_A.shape[0]
+        eye = torch.eye(spec, dtype=dtype, device=last_A.device)
+        return eye.view(spec, 1, *last_A.shape[2:]).expand(*last_A.shape)
+    if isinstance(last_A, utils.OneHotC) and isinstance(last_A.index, torch.Tensor) \
+            and last_A.index.dim() in (1, 2):
+        spec, batch = last_A.shape[0], last_A.shape[1]
+        index = last_A.index.to(torch.long)
+        if index.dim() == 1:
+            index = index[:, None].expand(spec, batch)
+        values = torch.ones(spec, batch, dtype=dtype, device=index.device)
+        if last_A.coeffs is not None:
+            coeffs = last_A.coeffs.to(dtype)
+            values = values * (coeffs[:, None] if coeffs.dim() == 1 else coeffs)
+        dense = torch.zeros(*last_A.shape, dtype=dtype, device=index.device)
+        rows = torch.arange(spec, device=index.device)[:, None].expand(spec, batch)
+        cols = torch.arange(batch, device=index.device)[None, :].expand(spec, batch)
+        dense.view(spec, batch, -1)[rows, cols, index] = values
+        return dense
+    return None
+
+
+def _sum_to_shape(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Sum ``t`` over the dimensions that broadcasting expanded from size 1 in ``shape``."""
+    dims = tuple(i for i, (have, want) in enumerate(zip(t.shape, shape, strict=True))
+                 if want == 1 and have != 1)
+    return t.sum(dim=dims, keepdim=True) if dims else t
+
+
+def _matmul_constant_left_backward(original: Callable[..., Any], utils: Any
+                                   ) -> Callable[..., Any]:
+    """``BoundMatMul.bound_backward`` that handles ``X @ Y`` with only ``Y`` perturbed itself
+    (see :func:`_patch_matmul_constant_left`) and leaves every other case to ``original``."""
+
+    def bound_backward(self: Any, last_lA: Any, last_uA: Any, *x: Any) -> Any:
+        if len(x) != 2 or self.is_input_perturbed(0) or not self.is_input_perturbed(1):
+            return original(self, last_lA, last_uA, *x)
+        X, X_upper = x[0].lower, x[0].upper
+        y_shape, out_shape = tuple(x[1].output_shape), tuple(self.output_shape)
+        if not isinstance(X, torch.Tensor) or not isinstance(X_upper, torch.Tensor) \
+                or X.dim() < 2 or len(y_shape) < 3 or X.dim() > len(y_shape) \
+                or len(out_shape) != len(y_shape) or not torch.equal(X, X_upper):
+            return original(self, last_lA, last_uA, *x)
+        ref = next((a for a in (last_lA, last_uA) if isinstance(a, torch.Tensor)), None)
+        dtype = ref.dtype if ref is not None else X.dtype
+        dense = [None if a is None else _dense_coefficients(a, dtype, utils)
+                 for a in (last_lA, last_uA)]
+        if any(d is None and a is not None for d, a in zip(dense, (last_lA, last_uA),
+                                                            strict=True)):
+            return original(self, last_lA, last_uA, *x)
+        X_t = X.to(dtype).transpose(-1, -2)
+
+        def through(A: torch.Tensor | None) -> torch.Tensor | None:
+            # A . (X @ Y) = (X^T @ A) . Y: the coefficient of Y is X^T A, summed over the
+            # dimensions along which Y was broadcast; [spec, B, *out] -> [spec, B, *Y[1:]].
+            # (A spec C given to compute_bounds arrives flat: [spec, B, prod(out)].)
+            if A is None:
+                return None
+            A = A.reshape(A.shape[0], A.shape[1], *out_shape[1:])
+            return _sum_to_shape(X_t.matmul(A), (A.shape[0], A.shape[1], *y_shape[1:]))
+
+        return [(None, None), (through(dense[0]), through(dense[1]))], 0.0, 0.0
+
+    bound_backward.__doc__ = original.__doc__
+    bound_backward._rj_original = original  # type: ignore[attr-defined]
+    return bound_backward
+
+
+def _patch_matmul_constant_left(al: types.ModuleType) -> bool:
+    """Bound ``X @ Y`` backwards (CROWN) when the left operand X is a constant.
+
+    What broke: ``BoundMatMul.bound_backward`` is ``BoundLinear.bound_backward`` with the second
+    operand as the "weight".  When that weight is perturbed (as ``J`` in ``C @ J`` with
+    ``J = JacobianOf(net)(x)``, ``[B, n_out, d]``, and a constant ``C``, ``[k, n_out]``), 0.3 takes
+    its weight-perturbation branch, which relaxes the product as a bilinear term (``BoundMul``)
+    and assumes that the left operand carries the batch dimension: it raises ``ValueError:
+    Unsupported shapes: x_shape [k, n_out], y_shape [B, n_out, d]`` (``BoundLinear._reshape``),
+    and for a per-sample ``C`` ``[B, k, n_out]`` fails with a size mismatch.  CROWN could not
+    bound anything computed from the product (the README advertises ``C @ J``); IBP works.
+    Why it is correct: with X constant the product is linear in Y, so for any coefficients
+    ``A`` ``[spec, B, *out]`` on the output, ``A . (X @ Y) = (X^T @ A) . Y`` exactly (matmul's
+    batch broadcasting handled by summing ``X^T @ A`` over the dimensions along which Y was
+    broadcast).  The lower and the upper bound both pass ``X^T @ A`` on to Y, with zero bias and
+    no relaxation; an identity (``eyeC``) or one-hot (``OneHotC``) A is made dense first.
+    Guard: only when ``BoundMatMul.bound_backward`` is 0.3's (delegates to
+    ``BoundLinear.bound_backward``, whose ``_reshape`` raises 'Unsupported shapes'); at run time
+    only when the left input is not perturbed (its interval is one value) and the right one is,
+    X has rank >= 2, Y rank >= 3 (batch and matrix dims) and X no more dims than Y, and A is a
+    tensor, eyeC or OneHotC.  Every other case runs 0.3's code unchanged.
+    """
+    ops = getattr(al, "operators", None)
+    utils = getattr(al, "utils", None)
+    cls = getattr(ops, "BoundMatMul", None)
+    linear = getattr(ops, "BoundLinear", None)
+    if cls is None or linear is None or not hasattr(utils, "eyeC") \
+            or not hasattr(utils, "OneHotC"):
+        return False
+    original = cls.__dict__.get("bound_backward")
+    if original is None or _is_marked(original):
+        return False
+    if "super().bound_backward(last_lA, last_uA, *x)" not in _source(original):
+        return False
+    if "Unsupported shapes" not in _source(getattr(linear, "_reshape", None)):
+        return False
+    cls.bound_backward = _mark(_matmul_constant_left_backward(original, utils),
+                               "matmul_constant_left")
+    return True
+
+
+_POST_IMPORT = (*_POST_IMPORT, ("matmul_constant_left", _patch_matmul_constant_left))

@@ -24,9 +24,12 @@ dispatch is on the exact class name).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import math
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from rj_plugin import compat
-from rj_plugin.errors import InputError, UnsupportedLayerError
+from rj_plugin.errors import InputError, RJError, UnsupportedLayerError
 
 auto_LiRPA = compat.import_auto_lirpa()
 from auto_LiRPA import BoundedModule, BoundedTensor  # noqa: E402
@@ -83,6 +86,76 @@ class _UnsupportedOps(logging.Handler):
             self.nodes.append(f"{node.name} (op {node.op.split('::')[-1]})")
 
 
+_LIRPA_DIR = os.path.dirname(os.path.abspath(auto_LiRPA.__file__))
+# Exceptions that auto_LiRPA 0.3 raises for graphs it cannot handle (asserts on shapes, missing
+# rules, signature mismatches with today's torch): each is reported as an unsupported node.
+_LIRPA_FAILURES = (AssertionError, IndexError, KeyError, NotImplementedError, TypeError,
+                   ValueError, RuntimeError)
+
+
+def _failing_node(tb: Any) -> str | None:
+    """``"node NAME (op OP)"`` for the innermost auto_LiRPA operator on a traceback: a ``Bound``
+    instance that has its name, or the graph node being converted into one; else None."""
+    where = None
+    while tb is not None:
+        local = tb.tb_frame.f_locals
+        bound = [c for c in (local.get("node"), local.get("self"))
+                 if isinstance(c, auto_LiRPA.operators.Bound) and getattr(c, "name", None)]
+        if bound:
+            where = (f"node {bound[-1].name} "
+                     f"(op {type(bound[-1]).__name__.removeprefix('Bound')})")
+        elif "nodesOP" in local and isinstance(local.get("n"), int):  # BoundedModule._convert
+            try:
+                parsed = local["nodesOP"][local["n"]]
+                where = f"node {parsed.name} (op {str(parsed.op).split('::')[-1]})"
+            except (IndexError, AttributeError, TypeError):
+                pass
+        tb = tb.tb_next
+    return where
+
+
+def _raised_in_lirpa(tb: Any) -> bool:
+    """True when the innermost frame of a traceback is auto_LiRPA's code."""
+    last = None
+    while tb is not None:
+        last, tb = tb, tb.tb_next
+    return last is not None and os.path.abspath(last.tb_frame.f_code.co_filename).startswith(
+        _LIRPA_DIR)
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    text = str(exc)
+    return isinstance(exc, MemoryError) or "can't allocate memory" in text or \
+        "out of memory" in text.lower()
+
+
+@contextlib.contextmanager
+def lirpa_errors(what: str) -> Iterator[None]:
+    """Translate auto_LiRPA's internal failures during ``what`` into plugin errors.
+
+    An exception raised inside auto_LiRPA's own code (an assert on a shape it does not handle, a
+    missing bound rule, a signature mismatch with today's torch) becomes an
+    :class:`UnsupportedLayerError` that names the operator node it happened in and its op; an
+    allocation failure becomes an :class:`InputError` that says so.  Anything raised elsewhere
+    (the plugin's own bugs included) passes through unchanged.
+    """
+    try:
+        yield
+    except (MemoryError, *_LIRPA_FAILURES) as exc:
+        if isinstance(exc, RJError):
+            raise
+        if _is_out_of_memory(exc):
+            raise InputError(f"out of memory during {what}: {' '.join(str(exc).split())[:200]}; "
+                             "use preact='crown' or 'ibp', a smaller batch, or float32") from None
+        if not _raised_in_lirpa(exc.__traceback__):
+            raise
+        where = _failing_node(exc.__traceback__) or "this model"
+        detail = " ".join(str(exc).split())[:200] or "(no message)"
+        raise UnsupportedLayerError(f"auto_LiRPA {getattr(auto_LiRPA, '__version__', '')} cannot "
+                                    f"handle {where} during {what}: {type(exc).__name__}: "
+                                    f"{detail}") from None
+
+
 def _build_bounded_module(model: nn.Module, example: Tensor, opts: dict,
                           device: torch.device) -> Any:
     """``BoundedModule(model, example)``; an operator auto_LiRPA cannot parse becomes an
@@ -91,7 +164,8 @@ def _build_bounded_module(model: nn.Module, example: Tensor, opts: dict,
     logger = logging.getLogger("auto_LiRPA")
     logger.addHandler(handler)
     try:
-        return BoundedModule(model, example, bound_opts=opts, device=device)
+        with lirpa_errors("graph construction"):
+            return BoundedModule(model, example, bound_opts=opts, device=device)
     except NotImplementedError as exc:
         nodes = ", ".join(handler.nodes) or str(exc)
         raise UnsupportedLayerError(f"auto_LiRPA cannot bound this model: unsupported "
@@ -223,7 +297,7 @@ class LirpaGraph:
         if not names:
             return {}
         x = self._bounded_input(center, perturbation)
-        with torch.no_grad():
+        with torch.no_grad(), lirpa_errors("IBP"):
             self.module.compute_bounds(x=(x,), method="IBP", final_node_name=names[-1])
         ibp = self._read(names)
         if method == "ibp":
@@ -235,7 +309,8 @@ class LirpaGraph:
                     lb, ub = self._bound_node(x, name, "CROWN-IBP")
                 result[name] = _intersect((lb, ub), ibp[name])
             return result
-        with torch.no_grad():  # CROWN for the whole graph leaves every pre-activation bound
+        # CROWN for the whole graph leaves every pre-activation bound
+        with torch.no_grad(), lirpa_errors("CROWN"):
             self.module.compute_bounds(x=(x,), method="CROWN")
         crown = {n: _intersect(b, ibp[n]) for n, b in self._read(names).items()}
         if method == "crown":
@@ -254,8 +329,9 @@ class LirpaGraph:
         n = math.prod(shape)
         spec = torch.eye(n, dtype=self.dtype, device=self.device).reshape(1, n, *shape)
         spec = spec.expand(x.shape[0], n, *shape)
-        lb, ub = self.module.compute_bounds(x=(x,), C=spec, method=method, final_node_name=name,
-                                            **kwargs)
+        with lirpa_errors(method):
+            lb, ub = self.module.compute_bounds(x=(x,), C=spec, method=method,
+                                                final_node_name=name, **kwargs)
         return lb.detach().reshape(x.shape[0], *shape), ub.detach().reshape(x.shape[0], *shape)
 
     def _alpha_crown(self, x: BoundedTensor, names: list[str],
@@ -302,8 +378,9 @@ class LirpaGraph:
             if not getattr(self.module, "optimizable_activations", None):
                 method = "crown"
         if method == "alpha-crown":
-            lb, ub = self.module.compute_bounds(x=(x,), C=C, method=table[method])
+            with lirpa_errors(table[method]):
+                lb, ub = self.module.compute_bounds(x=(x,), C=C, method=table[method])
         else:
-            with torch.no_grad():
+            with torch.no_grad(), lirpa_errors(table[method]):
                 lb, ub = self.module.compute_bounds(x=(x,), C=C, method=table[method])
         return lb.detach(), ub.detach()

@@ -20,6 +20,8 @@ al = compat.import_auto_lirpa()
 
 METHODS = ("IBP", "CROWN", "CROWN-IBP", "CROWN-Optimized")
 KNOWN_PATCHES = {
+    "best_ret_any_rank",
+    "softplus_relaxation",
     "avgpool_semantics",
     "lp_input_box",
     "leaky_relu_steep",

@@ -1,0 +1,265 @@
+"""Regression tests for the soundness holes of issue 7 (each failed on the code before the fix).
+
+1. l_1 / l_2 balls when the input's first operation is not a Linear/Conv (auto_LiRPA 0.3 gave the
+   input node the point interval [x0, x0]);
+2. leaky ReLU with slope > 1 under CROWN-type methods (0.3's relaxation assumes slope <= 1), and
+   pre-activation intervals with lower > upper accepted silently;
+3. AvgPool with count_include_pad=False, ceil_mode=True, or overlapping windows;
+5. rounding: J(x0) outside the bounds at eps = 0 by an ulp (float64 and float32);
+6. alpha-CROWN on CNNs with two conv layers (IndexError); 7. raw auto_LiRPA exceptions.
+
+Truth is the autograd Jacobian (torch.func, :mod:`tests.oracle`) at random points, vertices and
+the center; containment is checked with no tolerance at all.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from rj_plugin.api import METHODS, JacobianBounder, _checked_interval
+from rj_plugin.derivatives import get_activation
+from rj_plugin.errors import UnsupportedLayerError
+from rj_plugin.lirpa import PREACT_METHODS
+from tests import oracle
+
+
+class Normalize(nn.Module):
+    def __init__(self, mean: float, std: float) -> None:
+        super().__init__()
+        self.mean, self.std = mean, std
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+class Scale(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2.0 * x
+
+
+class Residual(nn.Module):
+    def __init__(self, body: nn.Module) -> None:
+        super().__init__()
+        self.body = body
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+def _first_op_nets() -> dict[str, nn.Module]:
+    torch.manual_seed(7)
+    return {
+        "normalize": nn.Sequential(Normalize(0.3, 0.7), nn.Linear(4, 8), nn.Tanh(),
+                                   nn.Linear(8, 2)),
+        "scale": nn.Sequential(Scale(), nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)),
+        "tanh-first": nn.Sequential(nn.Tanh(), nn.Linear(4, 8), nn.Sigmoid(), nn.Linear(8, 2)),
+        "relu-first": nn.Sequential(nn.ReLU(), nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)),
+        "residual-on-input": nn.Sequential(Residual(nn.Sequential(nn.Linear(4, 4), nn.Tanh())),
+                                           nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)),
+    }
+
+
+def _assert_contains(jb, jac: torch.Tensor, label: str) -> None:
+    """jac ``[B, N, rows, *in]`` inside ``[jb.lower, jb.upper]`` exactly (no tolerance)."""
+    lo, hi = jb.lower[:, None], jb.upper[:, None]
+    excess = torch.maximum(lo - jac, jac - hi).max()
+    assert excess <= 0, f"{label}: a true Jacobian lies outside the bounds by {float(excess):.3g}"
+
+
+def _ball_jacobians(net: nn.Module, center: torch.Tensor, eps: float, p: float,
+                    seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    points = oracle.region_points(net, center, eps, p, 400, gen)
+    return oracle.jacobians(net, points)[None]
+
+
+@pytest.mark.parametrize("name", list(_first_op_nets()))
+@pytest.mark.parametrize("p", [1.0, 2.0])
+def test_lp_ball_with_a_nonlinear_first_op_is_sound_and_grows_with_eps(name: str,
+                                                                       p: float) -> None:
+    net = _first_op_nets()[name].double().eval()
+    x0 = torch.rand(1, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    bounder = JacobianBounder(net, input_shape=(4,))
+    for preact in PREACT_METHODS:
+        widths = []
+        for eps in (1e-3, 0.5):
+            jb = bounder.bound(bounder.region(x0, eps, p), preact=preact, alpha_iterations=5)
+            _assert_contains(jb, _ball_jacobians(net, x0[0], eps, p, 11),
+                             f"{name} p={p} {preact} eps={eps}")
+            widths.append(float((jb.upper - jb.lower).mean()))
+        # The bug: widths of ~1e-15 that did not move with eps (the ball seen as a point).
+        assert widths[1] > 10 * widths[0] > 0, f"{name} p={p} {preact}: widths {widths}"
+
+
+def test_lp_input_node_interval_is_the_enclosing_box() -> None:
+    """The compat patch's contract: an l_2 ball's input node carries x0 +- eps (outwards)."""
+    net = nn.Sequential(nn.Tanh(), nn.Linear(3, 2)).double()
+    bounder = JacobianBounder(net, input_shape=(3,))
+    x0 = torch.tensor([[0.1, -0.2, 0.3]], dtype=torch.float64)
+    region = bounder.region(x0, 0.25, 2)
+    bounder.bound(region, preact="ibp")
+    node = bounder.graph.module[bounder.graph.input_name]
+    assert (node.lower <= x0 - 0.25).all() and (node.upper >= x0 + 0.25).all()
+    assert (node.upper - node.lower <= 0.5 + 1e-12).all()
+
+
+@pytest.mark.parametrize("slope", [1.5, 3.0])
+def test_leaky_relu_with_slope_above_one(slope: float) -> None:
+    torch.manual_seed(int(slope * 10))
+    net = nn.Sequential(nn.Linear(4, 12), nn.LeakyReLU(slope), nn.Linear(12, 12),
+                        nn.LeakyReLU(slope), nn.Linear(12, 3)).double().eval()
+    x0 = torch.rand(2, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    bounder = JacobianBounder(net, input_shape=(4,))
+    for eps in (0.0, 0.05, 0.5):
+        jac = torch.stack([_ball_jacobians(net, x0[b], eps, math.inf, 13)[0] for b in range(2)])
+        for preact in PREACT_METHODS:
+            for method in METHODS:
+                jb = bounder.bound(bounder.region(x0, eps, math.inf), preact=preact,
+                                   method=method, alpha_iterations=5)
+                _assert_contains(jb, jac, f"slope {slope} eps {eps} {preact} {method}")
+
+
+def test_crossing_preactivation_interval_is_refused_by_name() -> None:
+    class Step:
+        input_node, op = "/7", "LeakyRelu"
+        activation = get_activation("leaky_relu:0.5")
+
+    lower = torch.tensor([[0.0, 1.0]], dtype=torch.float64)
+    with pytest.raises(UnsupportedLayerError, match=r"lower > upper.*/7.*LeakyRelu"):
+        _checked_interval(lower, lower - 0.1, Step(), "crown", 1)
+    # A crossing by rounding (an ulp) is not a relaxation bug: its hull is kept.
+    lo, hi = _checked_interval(lower, lower - 1e-17, Step(), "crown", 1)
+    assert (lo <= hi).all()
+
+
+def _pool_net(**options) -> tuple[nn.Module, tuple[int, ...]]:
+    torch.manual_seed(2)
+    features = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.AvgPool2d(3, **options))
+    shape = (1, 8, 8)
+    n = features.double()(torch.zeros(1, *shape, dtype=torch.float64))[0].numel()
+    return nn.Sequential(*features, nn.Flatten(), nn.Linear(n, 3), nn.ReLU(),
+                         nn.Linear(3, 2)).double().eval(), shape
+
+
+@pytest.mark.parametrize("options", [
+    {"stride": 2, "padding": 1, "count_include_pad": False},
+    {"stride": 2, "ceil_mode": True},
+    {"stride": 2, "padding": 1, "ceil_mode": True, "count_include_pad": False},
+    {"stride": 1, "padding": 1},
+    {"stride": 1},
+])
+def test_avgpool_options_follow_the_module(options: dict) -> None:
+    net, shape = _pool_net(**options)
+    x0 = torch.rand(1, *shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    bounder = JacobianBounder(net, input_shape=shape)
+    exact = oracle.jacobians(net, x0)[None]
+    jb = bounder.bound(bounder.region(x0, 0.0, math.inf), preact="crown")
+    _assert_contains(jb, exact, f"{options} at eps 0")
+    assert float((jb.upper - jb.lower).max()) < 1e-12
+    gen = torch.Generator().manual_seed(4)
+    points = torch.cat([x0, oracle.random_points(x0[0], 0.05, math.inf, 300, gen)])
+    jac = oracle.jacobians(net, points)[None]
+    for preact in PREACT_METHODS:
+        jb = bounder.bound(bounder.region(x0, 0.05, math.inf), preact=preact, alpha_iterations=5)
+        _assert_contains(jb, jac, f"{options} {preact}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("activation", [nn.ReLU, nn.Tanh])
+def test_eps_zero_contains_the_autograd_jacobian_exactly(dtype: torch.dtype,
+                                                         activation: type) -> None:
+    for seed in range(4):
+        torch.manual_seed(seed)
+        net = nn.Sequential(nn.Linear(20, 64), activation(), nn.Linear(64, 64), activation(),
+                            nn.Linear(64, 64), activation(), nn.Linear(64, 10)).to(dtype).eval()
+        x0 = torch.randn(3, 20, dtype=dtype)
+        bounder = JacobianBounder(net, input_shape=(20,), dtype=dtype)
+        jac = oracle.jacobians(net, x0)[:, None]  # [B, 1, rows, in]
+        for method in METHODS:
+            jb = bounder.bound(bounder.region(x0, 0.0, math.inf), preact="crown", method=method)
+            _assert_contains(jb, jac, f"{activation.__name__} {dtype} seed {seed} {method}")
+            lip = jb.lipschitz()
+            assert (jac[:, 0].abs().sum(-1) <= lip).all()
+
+
+def test_alpha_crown_on_a_cnn_with_two_convolutions() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Conv2d(3, 2, 3, stride=2), nn.ReLU(),
+                        nn.Flatten(), nn.Linear(2 * 2 * 2, 2)).double().eval()
+    x0 = torch.rand(2, 1, 7, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    bounder = JacobianBounder(net, input_shape=(1, 7, 7))
+    region = bounder.region(x0, 0.05, math.inf)
+    alpha = bounder.bound(region, preact="alpha-crown", alpha_iterations=5)
+    crown = bounder.bound(region, preact="crown")
+    assert (alpha.lower >= crown.lower).all() and (alpha.upper <= crown.upper).all()
+    gen = torch.Generator().manual_seed(9)
+    jac = torch.stack([oracle.jacobians(net, oracle.random_points(x0[b], 0.05, math.inf, 200,
+                                                                  gen)) for b in range(2)])
+    _assert_contains(alpha, jac, "alpha-crown two convs")
+
+
+class _Flip(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flip(x, [-1])
+
+
+class _Pad(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.pad(x, (1, 1, 1, 1))
+
+
+class _BroadcastAdd(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.randn(1, 1, 6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.bias
+
+
+@pytest.mark.parametrize("name,net,shape,op", [
+    ("conv-transpose-padding", nn.Sequential(nn.ConvTranspose2d(1, 2, 3, padding=1), nn.ReLU(),
+                                             nn.Flatten(), nn.Linear(72, 2)), (1, 6, 6),
+     "ConvTranspose"),
+    ("conv1d", nn.Sequential(nn.Conv1d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8, 2)),
+     (1, 6), "Conv"),
+    ("pad", nn.Sequential(_Pad(), nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(72, 2)), (1, 6, 6), "Pad"),
+    ("flip", nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), _Flip(), nn.Flatten(),
+                           nn.Linear(32, 2)), (1, 6, 6), "Slice"),
+    ("broadcast-add", nn.Sequential(_BroadcastAdd(), nn.Flatten(), nn.Linear(6, 4), nn.ReLU(),
+                                    nn.Linear(4, 2)), (1, 6), "Add"),
+])
+def test_what_auto_lirpa_cannot_bound_is_refused_by_name(name: str, net: nn.Module,
+                                                         shape: tuple, op: str) -> None:
+    """Each raised a raw auto_LiRPA exception (AssertionError, IndexError, TypeError) before."""
+    net = net.double().eval()
+    x0 = torch.rand(1, *shape, dtype=torch.float64)
+    for preact in ("ibp", "crown"):
+        try:
+            bounder = JacobianBounder(net, input_shape=shape)
+            jb = bounder.bound(bounder.region(x0, 0.05, math.inf), preact=preact)
+        except UnsupportedLayerError as exc:
+            assert f"(op {op})" in str(exc), f"{name} {preact}: {exc}"
+            continue
+        jac = oracle.jacobians(net, oracle.random_points(x0[0], 0.05, math.inf, 200,
+                                                         torch.Generator().manual_seed(0)))
+        _assert_contains(jb, jac[None], f"{name} {preact}")
+
+
+def test_softplus_is_bounded_by_every_method() -> None:
+    torch.manual_seed(4)
+    net = nn.Sequential(nn.Linear(4, 10), nn.Softplus(), nn.Linear(10, 10), nn.Softplus(),
+                        nn.Linear(10, 2)).double().eval()
+    x0 = torch.rand(1, 4, dtype=torch.float64)
+    bounder = JacobianBounder(net, input_shape=(4,))
+    for eps in (0.0, 0.1, 2.0):
+        jac = _ball_jacobians(net, x0[0], eps, math.inf, 21)
+        for preact in PREACT_METHODS:
+            jb = bounder.bound(bounder.region(x0, eps, math.inf), preact=preact,
+                               alpha_iterations=5)
+            _assert_contains(jb, jac, f"softplus eps {eps} {preact}")
