@@ -144,3 +144,37 @@ def test_eran_sigmoid_6x200() -> None:
                      oracle.box_vertices(lo, hi, gen, limit=256),
                      _box_ascent(model, lo, hi, objectives, gen)])
     _check(jb, 0, _jacobians(model, pts), "eran sigmoid 6x200 idx 7167")
+
+
+@pytest.mark.parametrize("p", [2.0, 1.0])
+@pytest.mark.parametrize("name", ["acasxu", "eran"])
+def test_lp_balls_on_nets_that_start_with_a_non_linear_op(name: str, p: float) -> None:
+    """ACAS Xu starts with Sub (input normalisation), the ERAN net with Sub/Div: under an l_1 or
+    l_2 ball every pre-activation method once saw the single point x0 (issue 7).  The bounds
+    must contain sampled Jacobians (random, vertices, ascent on entries and row norms) and
+    widen with eps."""
+    if name == "acasxu":
+        path = DATA / "acasxu" / "onnx" / "ACASXU_run2a_1_1_batch_2000.onnx"
+        box, eps = DATA / "acasxu" / "vnnlib" / "prop_3.vnnlib", 0.02
+    else:
+        path = DATA / "eran" / "onnx" / "ffnnSIGMOID__Point_6x200.onnx"
+        box, eps = DATA / "eran" / "vnnlib" / "mnist_spec_idx_7167_eps_0.01200.vnnlib", 0.5
+    model = load_model(path)
+    shape = model.rj_input_shape
+    lower, upper = _box(box, shape)
+    center = ((lower + upper) / 2)[:1]
+    gen = torch.Generator().manual_seed(5)
+    jb = bound_jacobian(path, center, eps, p, preact="crown")
+    small = bound_jacobian(path, center, eps / 100, p, preact="crown")
+    assert (jb.upper - jb.lower).mean() > 10 * (small.upper - small.lower).mean()
+    flat_hi, flat_lo = jb.upper[0].flatten(1), jb.lower[0].flatten(1)
+    j_hi, k_hi = divmod(int(flat_hi.argmax()), flat_hi.shape[1])
+    j_lo, k_lo = divmod(int(flat_lo.argmin()), flat_lo.shape[1])
+    objectives = [(j_hi, k_hi, 1.0), (j_lo, k_lo, -1.0), (0, None, 1.0)]
+    pts = oracle.region_points(model, center[0], eps, p, 1000, gen, objectives)
+    jac = _jacobians(model, pts).flatten(2)
+    lo, hi = jb.lower[0].flatten(1), jb.upper[0].flatten(1)
+    excess = float(torch.maximum(lo - jac, jac - hi).max())
+    assert excess <= 0, f"{name} l_{p}: a sampled Jacobian lies outside by {excess:.3g}"
+    dual = 2.0 if p == 2.0 else float("inf")
+    assert (jac.norm(p=dual, dim=-1) <= jb.lipschitz()[0] * (1 + TOL)).all()
