@@ -910,118 +910,41 @@ def _patch_softplus_relaxation(al: types.ModuleType) -> bool:
     return True
 
 
-# -------------------------------------------------------------------------------------------------
-# Public API
-# -------------------------------------------------------------------------------------------------
+def _patch_ibp_spec_any_rank(al: types.ModuleType) -> bool:
+    """IBP of a specification C applied to a node of any rank (a conv node's [B, C, H, W]).
 
-_PRE_IMPORT: tuple[tuple[str, Callable[[], bool]], ...] = (
-    ("numpy_arraysetops", _patch_numpy_arraysetops),
-    ("onnx_set_opset_version", _patch_onnx_set_opset_version),
-    ("onnx_optimize_graph", _patch_onnx_optimize_graph),
-    ("node_getitem", _patch_node_getitem),
-)
-_POST_IMPORT: tuple[tuple[str, Callable[[types.ModuleType], bool]], ...] = (
-    ("named_members", _patch_named_members),
-    ("alpha_clamp_grad", _patch_alpha_clamp_gradient),
-    ("alpha_dtype", _patch_alpha_dtype),
-    ("sshape_table_cache", _patch_sshape_table_cache),
-    ("sshape_table_dtype", _patch_sshape_table_dtype),
-    ("optimize_in_model_dtype", _patch_optimize_in_model_dtype),
-    ("default_spec_dtype", _patch_default_spec_dtype),
-    ("lp_input_box", _patch_lp_input_box),
-    ("leaky_relu_steep", _patch_leaky_relu_steep),
-    ("avgpool_semantics", _patch_avgpool_semantics),
-    ("best_ret_any_rank", _patch_best_ret_any_rank),
-    ("softplus_relaxation", _patch_softplus_relaxation),
-)
-
-
-def default_bound_opts() -> dict[str, Any]:
-    """The ``bound_opts`` the plugin passes to ``BoundedModule`` (a fresh dict on every call).
-
-    * ``conv_mode='matrix'``: with 0.3's default ``'patches'``, CROWN / alpha-CROWN raise
-      ``IndexError: tuple index out of range`` on dense nets as soon as an ``Add``/``Sub`` node
-      needs intermediate bounds (e.g. ``relu(linear(x) + c)``, residual sums); 'matrix' is the
-      right mode for dense nets anyway.
-    * ``sparse_spec_alpha=False``: avoids 0.3's ``assert self.alpha_lookup_idx[...] is None`` in
-      ``BoundRelu._backward_relaxation`` when IBP says a neuron of a layer is unstable while
-      CROWN proved the whole layer stable (sparse alpha of size 0 is created, then indexed).
-    * ``sparse_features_alpha=False``: avoids 0.3's full-alpha bug when more than
-      ``minimum_sparsity`` (90 %) of a ReLU layer is unstable (``alpha_indices`` is only reset
-      when ``verbosity > 0``, so a full alpha is later scattered as if sparse -> shape error).
-    * ``sparse_intermediate_bounds=False``: compute CROWN bounds for *every* pre-activation
-      neuron.  With 0.3's default (True) CROWN is run only for neurons that IBP finds unstable and
-      the IBP interval is kept for the others, so ``node.lower``/``node.upper`` are a mix of IBP
-      and CROWN values.
-
-    All four keys exist (and are harmless) in auto_LiRPA 0.4-0.7 too; ``BoundedModule`` ignores
-    unknown keys in every version, so the same dict is returned everywhere.
+    What broke: 0.3's ``IBP_general(node, C)`` ends with the static call
+    ``BoundLinear.interval_propagate(None, node.interval, C=C)``, whose matrix products assume a
+    flat node ``[B, n]``.  For a convolutional node and a batch of more than one input, CROWN-IBP
+    (which runs this IBP step with the node's identity specification) fails with a shape error.
+    Why it is correct: it is the same interval product, C mid +- |C| rad with mid and rad the
+    center and radius of the node's interval, computed on the flattened node (C is flattened
+    in the same C order as the node).
+    Guard: only when 0.3's ``BoundLinear.interval_propagate`` takes C itself as the weight for a
+    static call; at run time only for static calls on nodes of rank > 2.
     """
-    return {
-        "conv_mode": "matrix",
-        "sparse_spec_alpha": False,
-        "sparse_features_alpha": False,
-        "sparse_intermediate_bounds": False,
-    }
+    cls = al.operators.BoundLinear
+    original = cls.interval_propagate
+    if getattr(original, _MARK, None) == "ibp_spec_any_rank":
+        return False
+    if "w, lb, ub = C, torch.tensor(0., device=C.device)" not in _source(cls):
+        return False
 
+    def interval_propagate(self: Any, *v: Any, C: Any = None, w: Any = None) -> Any:
+        if self is None and C is not None and w is None and v and v[0][0].dim() > 2:
+            lower, upper = v[0][0].flatten(1), v[0][1].flatten(1)
+            spec = C.reshape(*C.shape[:2], -1)
+            mid, rad = ((upper + lower) / 2).unsqueeze(-1), ((upper - lower) / 2).unsqueeze(-1)
+            center, deviation = (spec @ mid).squeeze(-1), (spec.abs() @ rad).squeeze(-1)
+            return center - deviation, center + deviation
+        return original(self, *v, C=C, w=w)
 
-def apply() -> tuple[str, ...]:
-    """Apply every needed patch (idempotent; safe to call many times).
-
-    Must be called BEFORE ``import auto_LiRPA`` (the import itself fails without the first
-    patches).  After the pre-import patches, this function imports auto_LiRPA itself to patch its
-    classes.  Returns the names of the patches that were actually applied in this process (by this
-    call or an earlier one), in order.
-    """
-    for name, patch in _PRE_IMPORT:
-        if name not in _APPLIED and patch():
-            _record(name)
-    al = _quiet_import("auto_LiRPA")
-    for name, post_patch in _POST_IMPORT:
-        if name not in _APPLIED and post_patch(al):
-            _record(name)
-    return applied()
-
-
-def _quiet_import(name: str) -> types.ModuleType:
-    """Import ``name`` without two harmless, noisy messages auto_LiRPA 0.3 triggers on torch 2.x.
-
-    (``FutureWarning: torch.jit.script is deprecated`` from its ``@torch.jit.script`` helpers, and
-    ``No CUDA runtime is found`` logged by ``torch.utils.cpp_extension`` on CPU-only machines.)
-    """
-    if name in sys.modules:
-        return sys.modules[name]
-    cpp_logger = logging.getLogger("torch.utils.cpp_extension")
-    level = cpp_logger.level
-    cpp_logger.setLevel(logging.ERROR)
-    try:
-        # auto_LiRPA 0.3 calls ``warnings.simplefilter("once")`` while importing, which would
-        # override an "ignore" filter, so record everything and re-emit all other warnings.
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("default")
-            module = importlib.import_module(name)
-    finally:
-        cpp_logger.setLevel(level)
-    for w in caught:
-        if not (issubclass(w.category, FutureWarning) and "torch.jit.script" in str(w.message)):
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    return module
-
-
-def applied() -> tuple[str, ...]:
-    """Names of the patches applied so far in this process."""
-    return tuple(_APPLIED)
-
-
-def import_auto_lirpa() -> types.ModuleType:
-    """Apply the patches, then import and return the ``auto_LiRPA`` module."""
-    apply()
-    return importlib.import_module("auto_LiRPA")
+    cls.interval_propagate = _mark(interval_propagate, "ibp_spec_any_rank")
+    return True
 
 
 # -------------------------------------------------------------------------------------------------
 # MatMul of a constant by a perturbed operand (issue #7, item 8: ``C @ JacobianOf(net)(x)``).
-# Registered below, after the public API, by extending ``_POST_IMPORT``.
 # -------------------------------------------------------------------------------------------------
 
 
@@ -1146,4 +1069,112 @@ def _patch_matmul_constant_left(al: types.ModuleType) -> bool:
     return True
 
 
-_POST_IMPORT = (*_POST_IMPORT, ("matmul_constant_left", _patch_matmul_constant_left))
+# -------------------------------------------------------------------------------------------------
+# Public API
+# -------------------------------------------------------------------------------------------------
+
+_PRE_IMPORT: tuple[tuple[str, Callable[[], bool]], ...] = (
+    ("numpy_arraysetops", _patch_numpy_arraysetops),
+    ("onnx_set_opset_version", _patch_onnx_set_opset_version),
+    ("onnx_optimize_graph", _patch_onnx_optimize_graph),
+    ("node_getitem", _patch_node_getitem),
+)
+_POST_IMPORT: tuple[tuple[str, Callable[[types.ModuleType], bool]], ...] = (
+    ("named_members", _patch_named_members),
+    ("alpha_clamp_grad", _patch_alpha_clamp_gradient),
+    ("alpha_dtype", _patch_alpha_dtype),
+    ("sshape_table_cache", _patch_sshape_table_cache),
+    ("sshape_table_dtype", _patch_sshape_table_dtype),
+    ("optimize_in_model_dtype", _patch_optimize_in_model_dtype),
+    ("default_spec_dtype", _patch_default_spec_dtype),
+    ("lp_input_box", _patch_lp_input_box),
+    ("leaky_relu_steep", _patch_leaky_relu_steep),
+    ("avgpool_semantics", _patch_avgpool_semantics),
+    ("best_ret_any_rank", _patch_best_ret_any_rank),
+    ("softplus_relaxation", _patch_softplus_relaxation),
+    ("ibp_spec_any_rank", _patch_ibp_spec_any_rank),
+    ("matmul_constant_left", _patch_matmul_constant_left),
+)
+
+
+def default_bound_opts() -> dict[str, Any]:
+    """The ``bound_opts`` the plugin passes to ``BoundedModule`` (a fresh dict on every call).
+
+    * ``conv_mode='matrix'``: with 0.3's default ``'patches'``, CROWN / alpha-CROWN raise
+      ``IndexError: tuple index out of range`` on dense nets as soon as an ``Add``/``Sub`` node
+      needs intermediate bounds (e.g. ``relu(linear(x) + c)``, residual sums); 'matrix' is the
+      right mode for dense nets anyway.
+    * ``sparse_spec_alpha=False``: avoids 0.3's ``assert self.alpha_lookup_idx[...] is None`` in
+      ``BoundRelu._backward_relaxation`` when IBP says a neuron of a layer is unstable while
+      CROWN proved the whole layer stable (sparse alpha of size 0 is created, then indexed).
+    * ``sparse_features_alpha=False``: avoids 0.3's full-alpha bug when more than
+      ``minimum_sparsity`` (90 %) of a ReLU layer is unstable (``alpha_indices`` is only reset
+      when ``verbosity > 0``, so a full alpha is later scattered as if sparse -> shape error).
+    * ``sparse_intermediate_bounds=False``: compute CROWN bounds for *every* pre-activation
+      neuron.  With 0.3's default (True) CROWN is run only for neurons that IBP finds unstable and
+      the IBP interval is kept for the others, so ``node.lower``/``node.upper`` are a mix of IBP
+      and CROWN values.
+
+    All four keys exist (and are harmless) in auto_LiRPA 0.4-0.7 too; ``BoundedModule`` ignores
+    unknown keys in every version, so the same dict is returned everywhere.
+    """
+    return {
+        "conv_mode": "matrix",
+        "sparse_spec_alpha": False,
+        "sparse_features_alpha": False,
+        "sparse_intermediate_bounds": False,
+    }
+
+
+def apply() -> tuple[str, ...]:
+    """Apply every needed patch (idempotent; safe to call many times).
+
+    Must be called BEFORE ``import auto_LiRPA`` (the import itself fails without the first
+    patches).  After the pre-import patches, this function imports auto_LiRPA itself to patch its
+    classes.  Returns the names of the patches that were actually applied in this process (by this
+    call or an earlier one), in order.
+    """
+    for name, patch in _PRE_IMPORT:
+        if name not in _APPLIED and patch():
+            _record(name)
+    al = _quiet_import("auto_LiRPA")
+    for name, post_patch in _POST_IMPORT:
+        if name not in _APPLIED and post_patch(al):
+            _record(name)
+    return applied()
+
+
+def _quiet_import(name: str) -> types.ModuleType:
+    """Import ``name`` without two harmless, noisy messages auto_LiRPA 0.3 triggers on torch 2.x.
+
+    (``FutureWarning: torch.jit.script is deprecated`` from its ``@torch.jit.script`` helpers, and
+    ``No CUDA runtime is found`` logged by ``torch.utils.cpp_extension`` on CPU-only machines.)
+    """
+    if name in sys.modules:
+        return sys.modules[name]
+    cpp_logger = logging.getLogger("torch.utils.cpp_extension")
+    level = cpp_logger.level
+    cpp_logger.setLevel(logging.ERROR)
+    try:
+        # auto_LiRPA 0.3 calls ``warnings.simplefilter("once")`` while importing, which would
+        # override an "ignore" filter, so record everything and re-emit all other warnings.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("default")
+            module = importlib.import_module(name)
+    finally:
+        cpp_logger.setLevel(level)
+    for w in caught:
+        if not (issubclass(w.category, FutureWarning) and "torch.jit.script" in str(w.message)):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return module
+
+
+def applied() -> tuple[str, ...]:
+    """Names of the patches applied so far in this process."""
+    return tuple(_APPLIED)
+
+
+def import_auto_lirpa() -> types.ModuleType:
+    """Apply the patches, then import and return the ``auto_LiRPA`` module."""
+    apply()
+    return importlib.import_module("auto_LiRPA")

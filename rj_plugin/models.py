@@ -182,8 +182,77 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+def _value_ranks(proto: Any) -> dict[str, int]:
+    """Rank of every graph input and inferred intermediate value of an ONNX model, by name
+    (values whose shape ONNX shape inference cannot determine are missing)."""
+    import onnx
+
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto)
+    except Exception:  # shape inference is best effort: unknown ranks are simply missing
+        inferred = proto
+    graph = inferred.graph
+    ranks: dict[str, int] = {}
+    for info in (*graph.input, *graph.value_info, *graph.output):
+        tensor_type = info.type.tensor_type
+        if tensor_type.HasField("shape"):
+            ranks[info.name] = len(tensor_type.shape.dim)
+    return ranks
+
+
+def _rewrite_weight_first_matmuls(proto: Any, path: Path) -> int:
+    """Rewrite ``MatMul(W, v)`` (W a rank-2 initializer ``[m, n]``, v a rank-1 value ``[n]``) as
+    ``MatMul(v, W^T)`` in place; return the number of rewritten nodes.
+
+    onnx2pytorch converts a MatMul with an initializer operand to ``nn.Linear`` computing
+    ``x @ W`` whichever side the initializer is on, so ``W @ v`` (the VNN-COMP nets without a
+    batch dimension, e.g. ``test_small.onnx``) became ``v @ W``: a shape error for non-square W,
+    and silently ``W^T v`` for square W.  For a vector v, ``W @ v == v @ W^T`` exactly (both
+    ``[m]``), and ``MatMul(v, W^T)`` is converted to ``Linear`` with weight ``W``.  A
+    weight-first MatMul whose other operand is not a vector (or of unknown rank), or whose
+    initializer is not a matrix, cannot be rewritten this way and raises ``ModelLoadError``
+    rather than handing back a different function.
+    """
+    from onnx import numpy_helper
+
+    initializers = {t.name: t for t in proto.graph.initializer}
+    weight_first = [n for n in proto.graph.node if n.op_type == "MatMul" and len(n.input) == 2
+                    and n.input[0] in initializers and n.input[1] not in initializers]
+    if not weight_first:
+        return 0
+    ranks = _value_ranks(proto)
+    names = {t.name for t in proto.graph.initializer} | {
+        v for n in proto.graph.node for v in (*n.input, *n.output)}
+    transposed: dict[str, str] = {}
+    for node in weight_first:
+        weight, value = node.input[0], node.input[1]
+        w_rank, v_rank = len(initializers[weight].dims), ranks.get(value)
+        if w_rank != 2 or v_rank != 1:
+            raise ModelLoadError(
+                f"{path}: MatMul node {node.name or node.output[0]!r} multiplies the constant "
+                f"{weight!r} (rank {w_rank}) by {value!r} (rank "
+                f"{'unknown' if v_rank is None else v_rank}) from the left; only a matrix "
+                f"times a vector can be converted (onnx2pytorch would compute {value} @ {weight})"
+            )
+        if weight not in transposed:
+            new_name = f"{weight}_rj_transposed"
+            while new_name in names:
+                new_name += "_"
+            names.add(new_name)
+            matrix = numpy_helper.to_array(initializers[weight])
+            proto.graph.initializer.append(numpy_helper.from_array(matrix.T.copy(), new_name))
+            transposed[weight] = new_name
+        node.input[0], node.input[1] = value, transposed[weight]
+    return len(weight_first)
+
+
 def _load_onnx(path: Path) -> tuple[nn.Module, tuple[int, ...] | None]:
-    """Convert an ONNX file with onnx2pytorch; return ``(float32 module, sample_shape)``."""
+    """Convert an ONNX file with onnx2pytorch; return ``(float32 module, sample_shape)``.
+
+    Weight-first ``MatMul(W, x)`` nodes are rewritten first (see
+    :func:`_rewrite_weight_first_matmuls`); a model whose input has no batch dimension is wrapped
+    in :class:`UnbatchedOnnxWrapper` (``[B, *sample_shape] -> [B, *out]``).
+    """
     dims, _ = _onnx_dims(path)
     has_batch, sample_shape = _split_batch(dims)
     import onnx
@@ -193,6 +262,10 @@ def _load_onnx(path: Path) -> tuple[nn.Module, tuple[int, ...] | None]:
     # loses the biases), so always convert a freshly loaded copy.
     try:
         proto = onnx.load(str(path))
+    except Exception as exc:
+        raise ModelLoadError(f"{path}: cannot read ONNX file: {_one_line(exc)}") from exc
+    _rewrite_weight_first_matmuls(proto, path)
+    try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             converted = ConvertModel(proto)

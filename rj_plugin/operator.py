@@ -13,9 +13,12 @@ releases), whose bound class :class:`BoundRecurJacobian` is registered with
 Bounds of the node:
 
 * ``interval_propagate``: RecurJac (or the configured method) over the region of the input node:
-  an l_p ball around the midpoint of the input interval with the perturbation's eps and norm, or
-  the box itself.  Pre-activation bounds come from auto_LiRPA on the network's graph by the
-  method in the node's options.
+  for p < inf the l_p ball around the perturbed input's value with the perturbation's eps, for
+  l_inf the input interval (``x -+ eps`` or the perturbation's ``x_L``/``x_U``).  Pre-activation
+  bounds come from auto_LiRPA on the network's graph by the method in the node's options.  The
+  result is cached for the next call with the same region, compared by value (one CROWN pass asks
+  for it several times; a reused perturbation with a new eps or a box moved in place is a new
+  region).
 * ``bound_backward``: the interval [J_lo, J_hi] is constant over the region, so for any
   coefficient tensor A,  A . J >= A+ . J_lo + A- . J_hi  (and the mirror for the upper bound):
   the node passes zero coefficients to its inputs and returns these constants as bias.  Anything
@@ -92,6 +95,64 @@ class JacobianOf(nn.Module):
         return _jacobian(self.net, x)
 
 
+class _RegionKey:
+    """The region of the operator's input node, by value (a snapshot, for the bound cache).
+
+    Either a box, ``lower``/``upper`` ``[B, *in]`` (an l_inf perturbation: auto_LiRPA's interval
+    of the input, ``x -+ eps`` or the perturbation's ``x_L``/``x_U``; or no perturbation), or an
+    l_p ball with p < inf: ``center`` ``[B, *in]`` (the perturbed input's value: auto_LiRPA's
+    interval of the input node is the enclosing box ``x -+ eps``, whose midpoint may differ from
+    x by rounding), ``norm`` and ``eps``.  The tensors are clones, so moving the caller's tensors
+    in place or setting ``ptb.eps`` later does not change a stored key.
+    """
+
+    __slots__ = ("center", "eps", "lower", "norm", "upper")
+
+    def __init__(self, lower: Tensor | None, upper: Tensor | None, center: Tensor | None,
+                 norm: float, eps: float | None) -> None:
+        self.lower, self.upper, self.center, self.norm, self.eps = lower, upper, center, norm, eps
+
+    @property
+    def is_box(self) -> bool:
+        return self.lower is not None
+
+    @classmethod
+    def of(cls, node: Any) -> _RegionKey:
+        """Snapshot the region of a (root) input node of auto_LiRPA's graph."""
+        ptb = getattr(node, "perturbation", None)
+        norm = float(getattr(ptb, "norm", math.inf))
+        eps = getattr(ptb, "eps", None)
+        lower, upper = node.lower.detach(), node.upper.detach()
+        if ptb is None or math.isinf(norm) or eps is None:
+            return cls(_plain_clone(lower), _plain_clone(upper), None, math.inf, None)
+        center = getattr(node, "center", None)
+        if not isinstance(center, Tensor) or center.shape != lower.shape:
+            center = getattr(node, "value", None)
+        if not isinstance(center, Tensor) or center.shape != lower.shape:
+            center = (lower + upper) / 2
+        return cls(None, None, _plain_clone(center.detach()), norm, float(eps))
+
+    def same(self, other: _RegionKey) -> bool:
+        """True iff ``other`` is exactly the same region (equal values, not identities)."""
+        return (self.norm == other.norm and self.eps == other.eps
+                and all(_same_tensor(a, b) for a, b in ((self.lower, other.lower),
+                                                        (self.upper, other.upper),
+                                                        (self.center, other.center))))
+
+
+def _plain_clone(t: Tensor) -> Tensor:
+    """A detached copy of ``t`` as a plain ``torch.Tensor`` (not a BoundedTensor)."""
+    return t.detach().clone().as_subclass(Tensor)
+
+
+def _same_tensor(a: Tensor | None, b: Tensor | None) -> bool:
+    """Both None, or equal shape, dtype, device and values (``torch.equal``; NaN never equal)."""
+    if a is None or b is None:
+        return a is None and b is None
+    return a.dtype == b.dtype and a.device == b.device and a.shape == b.shape and \
+        torch.equal(a, b)
+
+
 class BoundRecurJacobian(Bound):
     """auto_LiRPA bound class of ``rj_plugin::Jacobian`` (see the module docstring)."""
 
@@ -100,7 +161,10 @@ class BoundRecurJacobian(Bound):
         self.key = int(attr["net"])
         self.rj_options = {**DEFAULT_OPTIONS, **((options or {}).get("recurjac") or {})}
         self._bounder = None
-        self._cache: tuple | None = None
+        # (region key, (J_lo, J_hi)): see _RegionKey.  One compute_bounds call may ask for the
+        # node's bounds several times (CROWN: intermediate bounds of what follows the node and
+        # the final backward pass; alpha-CROWN: every iteration), so the last result is kept.
+        self._cache: tuple[_RegionKey, tuple[Tensor, Tensor]] | None = None
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
         with torch.enable_grad():
@@ -115,22 +179,20 @@ class BoundRecurJacobian(Bound):
         # the region is that of the perturbed root input behind it.
         while getattr(node, "perturbation", None) is None and node.inputs:
             node = node.inputs[0]
-        lower, upper = node.lower, node.upper
-        ptb = getattr(node, "perturbation", None)
-        key = (lower.data_ptr(), upper.data_ptr(), tuple(lower.shape), id(ptb))
-        if self._cache is not None and self._cache[0] == key:
+        # The cache is keyed on the region's values, never on tensor identities: a perturbation
+        # reused with a new eps, or a box whose x_L / x_U were moved in place, is a new region.
+        key = _RegionKey.of(node)
+        if self._cache is not None and self._cache[0].same(key):
             return self._cache[1]
-        net = _NETWORKS[self.key]
+        ref = key.lower if key.is_box else key.center
         if self._bounder is None:
-            self._bounder = JacobianBounder(net, example=lower.detach()[:1],
-                                            dtype=lower.dtype, device=lower.device)
+            self._bounder = JacobianBounder(_NETWORKS[self.key], example=ref[:1],
+                                            dtype=ref.dtype, device=ref.device)
         b = self._bounder
-        norm = getattr(ptb, "norm", math.inf)
-        eps = getattr(ptb, "eps", None)
-        if ptb is None or math.isinf(norm) or eps is None:
-            region = b.region(lower=lower.detach(), upper=upper.detach())
+        if key.is_box:
+            region = b.region(lower=key.lower, upper=key.upper)
         else:
-            region = b.region((lower.detach() + upper.detach()) / 2, float(eps), norm)
+            region = b.region(key.center, key.eps, key.norm)
         o = self.rj_options
         jb = b.bound(region, preact=o["preact"], method=o["method"],
                      alpha_iterations=o["alpha_iterations"], alpha_lr=o["alpha_lr"])

@@ -20,6 +20,8 @@ al = compat.import_auto_lirpa()
 
 METHODS = ("IBP", "CROWN", "CROWN-IBP", "CROWN-Optimized")
 KNOWN_PATCHES = {
+    "matmul_constant_left",
+    "ibp_spec_any_rank",
     "best_ret_any_rank",
     "softplus_relaxation",
     "avgpool_semantics",
@@ -483,3 +485,127 @@ def test_default_spec_is_built_in_the_model_dtype() -> None:
     with torch.no_grad():
         y = net(pts)
     assert (y >= lb[:, None] - TOL).all() and (y <= ub[:, None] + TOL).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# matmul_constant_left: CROWN through ``C @ Y`` with only Y perturbed (issue #7, item 8)
+# ------------------------------------------------------------------------------------------------
+
+
+
+class ConstantTimesJacobian(nn.Module):
+    """``C @ JacobianOf(net)(x)``: ``[B, d] -> [B, k, d]`` for C ``[k, n_out]`` or
+    ``[B, k, n_out]``; with ``relu_sum``, ``relu(C @ J).sum(-1)`` ``[B, k]`` (then the product's
+    bounds are intermediate bounds, computed with an identity or one-hot C)."""
+
+    def __init__(self, net: nn.Module, C: torch.Tensor, relu_sum: bool) -> None:
+        super().__init__()
+        from rj_plugin import JacobianOf
+
+        self.jac = JacobianOf(net)
+        self.register_buffer("C", C)
+        self.relu_sum = relu_sum
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.C @ self.jac(x)
+        return torch.relu(out).sum(-1) if self.relu_sum else out
+
+
+class ConstantTimesFeatures(nn.Module):
+    """No Jacobian involved: ``C @ tanh(W x + b).view(B, 3, 4)``, ``[B, 5] -> [B, k, 4]``."""
+
+    def __init__(self, C: torch.Tensor) -> None:
+        super().__init__()
+        self.lin = nn.Linear(5, 12)
+        self.register_buffer("C", C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.C @ torch.tanh(self.lin(x)).view(-1, 3, 4)
+
+
+def _corners_and_samples(center: torch.Tensor, eps: float, n: int,
+                         gen: torch.Generator) -> torch.Tensor:
+    """All 2^d corners of the box ``center -+ eps`` (``center``: ``[d]``) and ``n`` uniform points
+    in it: ``[2^d + n, d]``."""
+    d = center.numel()
+    bits = (torch.arange(2 ** d)[:, None] >> torch.arange(d)) & 1
+    corners = center + eps * (2 * bits.to(center.dtype) - 1)
+    noise = 2 * torch.rand(n, d, generator=gen, dtype=center.dtype) - 1
+    return torch.cat([corners, center + eps * noise])
+
+
+def _spec(kind: str, batch: int, gen: torch.Generator) -> torch.Tensor:
+    """C ``[5, 3]`` shared by the batch, or one per sample ``[batch, 5, 3]``."""
+    shape = (5, 3) if kind == "shared" else (batch, 5, 3)
+    return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("relu_sum", [False, True], ids=["C@J", "relu(C@J).sum"])
+@pytest.mark.parametrize("kind", ["shared", "per-sample"])
+@pytest.mark.parametrize("opts", ["0.3-defaults", "plugin"])
+def test_constant_times_jacobian_bounds_contain_the_truth(kind: str, relu_sum: bool,
+                                                          opts: str) -> None:
+    """Regression for ``matmul_constant_left``: CROWN on ``C @ J`` raised 'Unsupported shapes'
+    (shared C) or a size mismatch (per-sample C).  IBP and CROWN bounds contain C @ (true
+    Jacobian, torch.func) at every corner of the box and at random points in it."""
+    from rj_plugin.models import build_mlp
+    from tests import oracle
+
+    gen = torch.Generator().manual_seed(11)
+    torch.manual_seed(11)
+    net = build_mlp(4, [8, 8], 3, "tanh").double().eval()
+    x0 = torch.rand(2, 4, generator=gen, dtype=torch.float64)
+    C = _spec(kind, 2, gen)
+    model = ConstantTimesJacobian(net, C, relu_sum).eval()
+    bound_opts = None if opts == "0.3-defaults" else compat.default_bound_opts()
+    bm = al.BoundedModule(model, x0, bound_opts=bound_opts)
+    eps = 0.15
+    bounds = {m: bm.compute_bounds(x=(_ptb_input(x0, eps),), method=m) for m in ("IBP", "CROWN")}
+    for b in range(2):
+        jac = oracle.jacobians(net, _corners_and_samples(x0[b], eps, 1500, gen)).detach()
+        true = (C[b] if C.dim() == 3 else C) @ jac  # [N, 5, 4]
+        if relu_sum:
+            true = torch.relu(true).sum(-1)
+        for lb, ub in bounds.values():
+            _assert_contains(lb[b], ub[b], true)
+    if not relu_sum:  # exact linear propagation: CROWN is the interval product, as IBP
+        (l_ibp, u_ibp), (l_crown, u_crown) = bounds["IBP"], bounds["CROWN"]
+        torch.testing.assert_close(l_crown, l_ibp, rtol=0, atol=1e-12)
+        torch.testing.assert_close(u_crown, u_ibp, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["shared", "per-sample"])
+def test_constant_times_features_with_crown(kind: str) -> None:
+    """The patch is about auto_LiRPA's MatMul, not RecurJac: C @ (perturbed features) in CROWN,
+    checked against sampled outputs (corners and random points)."""
+    gen = torch.Generator().manual_seed(12)
+    torch.manual_seed(12)
+    C = _spec(kind, 2, gen)
+    model = ConstantTimesFeatures(C).double().eval()
+    x0 = torch.rand(2, 5, generator=gen, dtype=torch.float64)
+    bm = al.BoundedModule(model, x0, bound_opts=compat.default_bound_opts())
+    for method in ("CROWN", "IBP"):
+        lb, ub = bm.compute_bounds(x=(_ptb_input(x0, 0.2),), method=method)
+        assert lb.shape == ub.shape == (2, 5, 4)
+        for b in range(2):
+            pts = _corners_and_samples(x0[b], 0.2, 1500, gen)
+            with torch.no_grad():
+                true = (C[b] if C.dim() == 3 else C) @ torch.tanh(model.lin(pts)).view(-1, 3, 4)
+            _assert_contains(lb[b], ub[b], true)
+
+
+@only_03
+@pytest.mark.parametrize(("kind", "message"), [("shared", "Unsupported shapes"),
+                                               ("per-sample", "size")])
+def test_without_matmul_patch_crown_fails(kind: str, message: str,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the patch fixes: 0.3's own ``BoundMatMul.bound_backward`` on the same model."""
+    patched = al.operators.BoundMatMul.__dict__["bound_backward"]
+    assert getattr(patched, "_rj_compat_patch", None) == "matmul_constant_left"
+    monkeypatch.setattr(al.operators.BoundMatMul, "bound_backward", patched._rj_original)
+    gen = torch.Generator().manual_seed(13)
+    model = ConstantTimesFeatures(_spec(kind, 2, gen)).double().eval()
+    x0 = torch.rand(2, 5, generator=gen, dtype=torch.float64)
+    bm = al.BoundedModule(model, x0, bound_opts=compat.default_bound_opts())
+    with pytest.raises((ValueError, RuntimeError), match=message):
+        bm.compute_bounds(x=(_ptb_input(x0, 0.2),), method="CROWN")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 from functools import cache
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from rj_plugin.models import (
     input_shape,
     load_model,
 )
+from tests import oracle
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 VNNCOMP = SHARED / "data" / "vnncomp"
@@ -45,6 +47,7 @@ ONNX_NETS = [
     ("test", "test_unsat.onnx"),
     ("test", "test_nano.onnx"),
     ("test", "test_tiny.onnx"),
+    ("test", "test_small.onnx"),
     ("tllverifybench", "tllBench_n=2_N=M=8_m=1_instance_0_0.onnx"),
     ("reach_prob_density", "gcas.onnx"),
     ("reach_prob_density", "robot.onnx"),
@@ -266,10 +269,166 @@ def test_onnx_input_shapes_and_unbatched_wrapper() -> None:
         assert torch.equal(model(x), torch.tensor([[0.0], [0.0], [1.5]], dtype=torch.float64))
 
 
-@needs_vnncomp
-def test_onnx_weight_first_matmul_fails_loudly() -> None:
-    # test_small computes MatMul(W, x); onnx2pytorch converts it as x @ W, which cannot be
-    # evaluated: the loader must refuse it rather than hand back a wrong network.
-    path = VNNCOMP / "test" / "onnx" / "test_small.onnx"
-    with pytest.raises(ModelLoadError, match="fails on an input"):
+# ------------------------------------------------------------------------------------------------
+# Weight-first MatMul (W @ x on an input without a batch dimension, e.g. test_small.onnx)
+
+
+def _numpy_onnx(path: Path, sample: np.ndarray) -> np.ndarray:
+    """Evaluate an ONNX graph of MatMul / Add / Sub / Relu / Flatten nodes on one sample with
+    numpy in float64, independently of onnx2pytorch (ONNX's MatMul is numpy's ``matmul``).
+
+    ``sample`` has the shape of the ONNX graph input (batch dimension included where it has one).
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(path))
+    env = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in proto.graph.initializer}
+    (name,) = [i.name for i in proto.graph.input if i.name not in env]
+    env[name] = sample.astype(np.float64)
+    for node in proto.graph.node:
+        args = [env[i] for i in node.input]
+        if node.op_type == "MatMul":
+            out = np.matmul(args[0], args[1])
+        elif node.op_type == "Add":
+            out = args[0] + args[1]
+        elif node.op_type == "Sub":
+            out = args[0] - args[1]
+        elif node.op_type == "Relu":
+            out = np.maximum(args[0], 0.0)
+        elif node.op_type == "Flatten":
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+            out = args[0].reshape(int(np.prod(args[0].shape[:axis])), -1)
+        else:
+            pytest.fail(f"reference evaluator: unexpected op {node.op_type} in {path}")
+        env[node.output[0]] = out
+    return env[proto.graph.output[0].name]
+
+
+def _onnx_input_dims(path: Path) -> tuple[int, ...]:
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    inits = {t.name for t in proto.graph.initializer}
+    (inp,) = [i for i in proto.graph.input if i.name not in inits]
+    return tuple(max(d.dim_value, 1) for d in inp.type.tensor_type.shape.dim)
+
+
+def _matmul_onnx(tmp_path: Path, weight: np.ndarray, x_dims: list[int], name: str) -> Path:
+    """A one-node ONNX model ``Y = MatMul(W, X)`` with W an initializer (weight first)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    out_dims = list(np.matmul(weight, np.zeros(x_dims)).shape)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["W", "X"], ["Y"], name="weight_first")], name,
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, x_dims)],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, out_dims)],
+        [numpy_helper.from_array(weight.astype(np.float32), "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 7
+    path = tmp_path / f"{name}.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+def test_weight_first_matmul_of_a_vector_is_w_times_x(tmp_path: Path) -> None:
+    """onnx2pytorch turns MatMul(W, x) into x @ W: a shape error for a non-square W and, worse,
+    silently W^T x for a square one.  The loader rewrites it to MatMul(x, W^T) (exact for a
+    vector x), so both compute W @ x, batched."""
+    gen = np.random.default_rng(0)
+    for name, weight in (("square", np.array([[1.0, 2.0], [-3.0, 0.5]])),
+                         ("wide", gen.standard_normal((3, 2)))):
+        path = _matmul_onnx(tmp_path, weight, [2], name)
+        model = load_model(path)
+        assert model.rj_input_shape == (2,) and input_shape(path) == (2,)
+        x = torch.as_tensor(gen.standard_normal((5, 2)))
+        with torch.no_grad():
+            y = model(x)
+        w32 = weight.astype(np.float32).astype(np.float64)
+        np.testing.assert_allclose(y.numpy(), x.numpy() @ w32.T, rtol=1e-12, atol=1e-12)
+        jac = oracle.jacobians(model, x).detach()
+        assert torch.equal(jac, torch.as_tensor(w32).expand(5, -1, -1))
+
+
+def test_weight_first_matmul_of_a_matrix_is_refused(tmp_path: Path) -> None:
+    """W @ X with X a matrix cannot be rewritten as X @ W^T: refused (onnx2pytorch alone
+    silently computed X @ W here), not converted wrongly."""
+    path = _matmul_onnx(tmp_path, np.array([[1.0, 2.0], [-3.0, 0.5]]), [2, 2], "matrix")
+    with pytest.raises(ModelLoadError, match="from the left") as info:
         load_model(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+TEST_NETS = ["test_small.onnx", "test_tiny.onnx", "test_nano.onnx", "test_sat.onnx",
+             "test_unsat.onnx"]
+
+
+@needs_vnncomp
+@pytest.mark.parametrize("net", TEST_NETS)
+def test_competition_test_nets_load_and_match_the_onnx_graph(net: str) -> None:
+    """Every net of the competition's overhead check loads and computes its ONNX graph
+    (a numpy evaluation of the graph at random points), batched."""
+    path = VNNCOMP / "test" / "onnx" / net
+    model = load_model(path)
+    shape = model.rj_input_shape
+    x = torch.rand((6, *shape), dtype=torch.float64,
+                   generator=torch.Generator().manual_seed(2)) * 8 - 4
+    with torch.no_grad():
+        y = model(x)
+    dims = _onnx_input_dims(path)
+    ref = np.stack([_numpy_onnx(path, xi.numpy().reshape(dims)).reshape(-1) for xi in x])
+    assert y.shape[0] == 6
+    np.testing.assert_allclose(y.reshape(6, -1).numpy(), ref, rtol=1e-9, atol=1e-9)
+
+
+@needs_vnncomp
+def test_test_small_loads_with_a_batch_axis_and_gets_exact_jacobian_bounds() -> None:
+    """test_small.onnx: x [1] -> W2 relu(W1 relu(W0 x + b0) + b1) + b2, no batch dimension.
+    Its derivative is 0 for x < -1.5 and 3 * 2 * (2 + 2) = 24 for x > -1.5.  Loaded with a
+    batch axis ([B, 1] -> [B, 1]), its Jacobian bounds contain the true Jacobians (torch.func)
+    at random points and the ends of each interval, and are exact (up to the bounds' outward
+    rounding) where the interval avoids the kink."""
+    from rj_plugin import bound_jacobian
+
+    path = VNNCOMP / "test" / "onnx" / "test_small.onnx"
+    model = load_model(path)
+    assert isinstance(model, UnbatchedOnnxWrapper)
+    assert model.rj_input_shape == (1,) and input_shape(path) == (1,)
+    gen = torch.Generator().manual_seed(3)
+    centers = torch.tensor([[-3.0], [-1.5], [-1.2], [0.0], [0.9]], dtype=torch.float64)
+    with torch.no_grad():
+        assert model(centers).shape == (5, 1)
+    for eps, exact in ((0.1, [0.0, None, 24.0, 24.0, 24.0]), (1.0, [0.0, None, None, 24.0, 24.0])):
+        for method in ("recurjac", "fastlip", "interval"):
+            jb = bound_jacobian(model, centers, eps=eps, method=method)
+            assert jb.lower.shape == jb.upper.shape == (5, 1, 1)
+            for b in range(5):
+                pts = torch.cat([centers[b] + eps * torch.tensor([[-1.0], [0.0], [1.0]]),
+                                 oracle.random_points(centers[b], eps, math.inf, 200, gen)])
+                jac = oracle.jacobians(model, pts).detach()
+                assert (jac >= jb.lower[b] - 1e-12).all() and (jac <= jb.upper[b] + 1e-12).all()
+                if exact[b] is not None:
+                    assert abs(float(jb.lower[b]) - exact[b]) < 1e-9
+                    assert abs(float(jb.upper[b]) - exact[b]) < 1e-9
+                else:  # the interval contains the kink: both slopes are attained
+                    assert float(jb.lower[b]) <= 0.0 and float(jb.upper[b]) >= 24.0
+
+
+@needs_vnncomp
+@pytest.mark.parametrize("net", TEST_NETS)
+def test_competition_test_nets_match_onnxruntime(net: str) -> None:
+    """The loaded nets against onnxruntime (the competition's reference), where installed."""
+    ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
+    path = VNNCOMP / "test" / "onnx" / net
+    model = load_model(path)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feed = session.get_inputs()[0]
+    dims = _onnx_input_dims(path)
+    x = torch.rand((4, *model.rj_input_shape), dtype=torch.float64,
+                   generator=torch.Generator().manual_seed(4)) * 8 - 4
+    with torch.no_grad():
+        y = model(x).reshape(4, -1).numpy()
+    for i in range(4):
+        (out,) = session.run(None, {feed.name: x[i].numpy().reshape(dims).astype(np.float32)})
+        np.testing.assert_allclose(y[i], out.reshape(-1), rtol=1e-4, atol=1e-4)
