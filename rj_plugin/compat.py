@@ -1069,6 +1069,54 @@ def _patch_matmul_constant_left(al: types.ModuleType) -> bool:
     return True
 
 
+def _patch_conv_transpose_dilation(al: types.ModuleType) -> bool:
+    """The transpose of a convolution whose dilation differs between height and width.
+
+    What broke: 0.3's ``BoundConv.bound_backward`` (matrix mode) computes the ``output_padding``
+    of the width from ``self.dilation[0]`` (the height's), so a convolution with dilation
+    ``(d_h, d_w)``, d_h != d_w, gets a transposed convolution of the wrong size under CROWN,
+    CROWN-IBP and alpha-CROWN ("output padding must be smaller than either stride or dilation",
+    or a shape error later).
+    Why it is correct: for such layers the coefficients are pushed back with
+    ``torch.nn.grad.conv2d_input``, the exact vector-Jacobian product of the same convolution
+    (linear in the coefficients and differentiable for alpha-CROWN); the bias term is the same
+    sum as 0.3's.  Other layers (and patches mode) take 0.3's rule unchanged.
+    Guard: only when 0.3's rule has the ``self.dilation[0]`` typo in the width's padding; at run
+    time only for dilations that differ between the two axes.
+    """
+    cls = getattr(al.operators, "BoundConv", None)
+    original = None if cls is None else cls.bound_backward
+    if original is None or _is_marked(original):
+        return False
+    if "(int(weight.size()[3] - 1) * self.dilation[0])" not in _source(original):
+        return False
+
+    def bound_backward(self: Any, last_lA: Any, last_uA: Any, *x: Any, **kwargs: Any) -> Any:
+        dilation = tuple(self.dilation)
+        dense = all(a is None or isinstance(a, torch.Tensor) for a in (last_lA, last_uA))
+        if len(dilation) != 2 or dilation[0] == dilation[1] or not dense or \
+                self.is_input_perturbed(1):
+            return original(self, last_lA, last_uA, *x, **kwargs)
+        weight = x[1].lower
+
+        def one_side(last_A: Any) -> tuple[Any, Any]:
+            if last_A is None:
+                return None, 0
+            flat = last_A.reshape(-1, *last_A.shape[2:])
+            size = (flat.shape[0], *self.input_shape[1:])
+            next_A = torch.nn.grad.conv2d_input(size, weight, flat, self.stride, self.padding,
+                                                dilation, self.groups)
+            bias = torch.einsum("sbchw,c->sb", last_A, x[2].lower) if self.has_bias else 0
+            return next_A.reshape(*last_A.shape[:2], *next_A.shape[1:]), bias
+
+        lA, lbias = one_side(last_lA)
+        uA, ubias = one_side(last_uA)
+        return [(lA, uA), (None, None), (None, None)], lbias, ubias
+
+    cls.bound_backward = _mark(bound_backward, "conv_transpose_dilation")
+    return True
+
+
 # -------------------------------------------------------------------------------------------------
 # Public API
 # -------------------------------------------------------------------------------------------------
@@ -1094,6 +1142,7 @@ _POST_IMPORT: tuple[tuple[str, Callable[[types.ModuleType], bool]], ...] = (
     ("softplus_relaxation", _patch_softplus_relaxation),
     ("ibp_spec_any_rank", _patch_ibp_spec_any_rank),
     ("matmul_constant_left", _patch_matmul_constant_left),
+    ("conv_transpose_dilation", _patch_conv_transpose_dilation),
 )
 
 

@@ -25,6 +25,7 @@ dispatch is on the exact class name).
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import logging
 import math
@@ -83,14 +84,17 @@ class _UnsupportedOps(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         node = record.args[0] if isinstance(record.args, tuple) and record.args else None
         if "unsupported operation" in str(record.msg) and hasattr(node, "op"):
-            self.nodes.append(f"{node.name} (op {node.op.split('::')[-1]})")
+            op = node.op.split("::")[-1]
+            if op == "ATen":  # a torch op with no ONNX equivalent: name the torch op
+                op = f"aten::{(getattr(node, 'attr', None) or {}).get('operator', '?')}"
+            self.nodes.append(f"{node.name} (op {op})")
 
 
 _LIRPA_DIR = os.path.dirname(os.path.abspath(auto_LiRPA.__file__))
 # Exceptions that auto_LiRPA 0.3 raises for graphs it cannot handle (asserts on shapes, missing
 # rules, signature mismatches with today's torch): each is reported as an unsupported node.
-_LIRPA_FAILURES = (AssertionError, IndexError, KeyError, NotImplementedError, TypeError,
-                   ValueError, RuntimeError)
+_LIRPA_FAILURES = (AssertionError, AttributeError, IndexError, KeyError, NotImplementedError,
+                   TypeError, ValueError, RuntimeError)
 
 
 def _failing_node(tb: Any) -> str | None:
@@ -156,6 +160,142 @@ def lirpa_errors(what: str) -> Iterator[None]:
                                     f"{detail}") from None
 
 
+def _same_padding(conv: nn.modules.conv._ConvNd) -> tuple[int, ...] | None:
+    """Explicit symmetric padding equal to ``padding='same'`` (None when 'same' would pad one
+    side more than the other: an even total)."""
+    pads = []
+    for k, d in zip(conv.kernel_size, conv.dilation, strict=True):
+        total = d * (k - 1)
+        if total % 2:
+            return None
+        pads.append(total // 2)
+    return tuple(pads)
+
+
+class _Unflatten(nn.Module):
+    """``nn.Unflatten(1, shape)`` as a reshape (0.3 cannot parse ``aten::unflatten``)."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.shape = shape
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.reshape(x.shape[0], *self.shape, *x.shape[2:])
+
+
+class _Conv1dAs2d(nn.Module):
+    """``nn.Conv1d`` / ``nn.AvgPool1d`` computed by their 2-d versions on a height-1 image
+    (0.3's Conv and AveragePool read exactly two spatial dimensions)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    @classmethod
+    def of(cls, layer: nn.Module) -> _Conv1dAs2d:
+        if isinstance(layer, nn.AvgPool1d):
+            pad = layer.padding[0] if isinstance(layer.padding, tuple) else layer.padding
+            return cls(nn.AvgPool2d((1, layer.kernel_size[0]), (1, layer.stride[0]), (0, pad),
+                                    layer.ceil_mode, layer.count_include_pad))
+        conv = nn.Conv2d(layer.in_channels, layer.out_channels, (1, layer.kernel_size[0]),
+                         (1, layer.stride[0]), (0, layer.padding[0]), (1, layer.dilation[0]),
+                         layer.groups, layer.bias is not None, device=layer.weight.device,
+                         dtype=layer.weight.dtype)
+        with torch.no_grad():
+            conv.weight.copy_(layer.weight.unsqueeze(2))
+            if layer.bias is not None:
+                conv.bias.copy_(layer.bias)
+        return cls(conv)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.inner(x.unsqueeze(2)).squeeze(2)
+
+
+def _is_plain_1d(m: nn.Module) -> bool:
+    if isinstance(m, nn.Conv1d):
+        return m.padding_mode == "zeros" and not isinstance(m.padding, str)
+    return isinstance(m, nn.AvgPool1d)
+
+
+def traceable(model: nn.Module) -> nn.Module:
+    """The same function with modules auto_LiRPA 0.3 cannot trace replaced by equivalents.
+
+    * eval-mode dropout (the identity) -> ``nn.Identity`` (0.3 only parses training dropout);
+    * ``BatchNorm(affine=False)`` -> affine with weight 1 and bias 0 (0.3's CROWN rule reads the
+      affine parameters);
+    * ``Conv(padding='valid' | 'same')`` -> the explicit integer padding (0.3 reads ``pads``),
+      where 'same' pads both sides equally;
+    * ``nn.Unflatten(1, shape)`` -> a reshape (0.3 cannot parse ``aten::unflatten``);
+    * ``nn.Conv1d`` (zero padding) and ``nn.AvgPool1d`` -> their 2-d versions on a height-1
+      image (0.3 handles only 2-d convolution and pooling).
+
+    Returns ``model`` itself when nothing needs replacing, else a rewritten deep copy (the
+    caller's module is never changed).
+    """
+    def needs(m: nn.Module) -> bool:
+        return (isinstance(m, nn.modules.dropout._DropoutNd)
+                or (isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.affine)
+                or (isinstance(m, nn.modules.conv._ConvNd) and isinstance(m.padding, str))
+                or (isinstance(m, nn.Unflatten) and m.dim == 1) or _is_plain_1d(m))
+
+    if not any(needs(m) for m in model.modules()):
+        return model
+    model = copy.deepcopy(model)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.modules.dropout._DropoutNd) and not child.training:
+                setattr(parent, name, nn.Identity())
+            elif isinstance(child, nn.modules.batchnorm._BatchNorm) and not child.affine:
+                ref = child.running_mean if child.running_mean is not None else None
+                opts = {} if ref is None else {"dtype": ref.dtype, "device": ref.device}
+                child.weight = nn.Parameter(torch.ones(child.num_features, **opts))
+                child.bias = nn.Parameter(torch.zeros(child.num_features, **opts))
+                child.affine = True
+            elif _is_plain_1d(child):
+                setattr(parent, name, _Conv1dAs2d.of(child))
+            elif isinstance(child, nn.Unflatten) and child.dim == 1:
+                setattr(parent, name, _Unflatten(tuple(child.unflattened_size)))
+            elif isinstance(child, nn.modules.conv._ConvNd) and isinstance(child.padding, str):
+                pads = (0,) * len(child.kernel_size) if child.padding == "valid" else \
+                    _same_padding(child)
+                if pads is not None:
+                    child.padding = pads
+                    child._reversed_padding_repeated_twice = [p for p in reversed(pads)
+                                                              for _ in range(2)]
+    return model
+
+
+def check_traced_function(model: nn.Module, module: Any, example: Tensor) -> None:
+    """Refuse a traced graph that computes another function than the model.
+
+    Tracing can drop an operator option silently (e.g. ``AvgPool2d(divisor_override=...)``
+    exports as a plain average), and every bound would then be of the wrong network.  The
+    outputs of the model and of auto_LiRPA's graph are compared at the example and at a random
+    point near it.
+
+    Raises:
+        UnsupportedLayerError: when they differ by more than rounding.
+    """
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    noise = torch.rand(example.shape, generator=gen, dtype=example.dtype).to(example.device)
+    tol = 1e-7 if example.dtype == torch.float64 else 1e-3
+    with torch.no_grad():
+        for x in (example + noise, example):  # the example last: its values stay cached
+            expected, traced = model(x), module(x)
+            if not isinstance(expected, Tensor) or expected.shape != traced.shape:
+                raise UnsupportedLayerError(
+                    "auto_LiRPA's traced graph returns another shape than the model "
+                    f"({tuple(getattr(traced, 'shape', ()))} vs "
+                    f"{tuple(getattr(expected, 'shape', ()))})")
+            gap = float((expected - traced).abs().max())
+            scale = 1.0 + float(expected.abs().max())
+            if not gap <= tol * scale:
+                raise UnsupportedLayerError(
+                    f"auto_LiRPA's traced graph computes another function than the model (outputs "
+                    f"differ by {gap:.3g}): an operator option was lost in tracing (e.g. "
+                    "AvgPool2d's divisor_override); refusing rather than bounding another net")
+
+
 def _build_bounded_module(model: nn.Module, example: Tensor, opts: dict,
                           device: torch.device) -> Any:
     """``BoundedModule(model, example)``; an operator auto_LiRPA cannot parse becomes an
@@ -165,11 +305,14 @@ def _build_bounded_module(model: nn.Module, example: Tensor, opts: dict,
     logger.addHandler(handler)
     try:
         with lirpa_errors("graph construction"):
-            return BoundedModule(model, example, bound_opts=opts, device=device)
-    except NotImplementedError as exc:
-        nodes = ", ".join(handler.nodes) or str(exc)
-        raise UnsupportedLayerError(f"auto_LiRPA cannot bound this model: unsupported "
-                                    f"node(s) {nodes}") from None
+            try:
+                return BoundedModule(model, example, bound_opts=opts, device=device)
+            except NotImplementedError as exc:
+                if not handler.nodes:
+                    raise
+                raise UnsupportedLayerError(
+                    f"auto_LiRPA cannot bound this model: unsupported node(s) "
+                    f"{', '.join(handler.nodes)}") from exc
     finally:
         logger.removeHandler(handler)
 
@@ -180,6 +323,36 @@ def _kwarg_for_fixed_bounds() -> str:
 
 
 _FIXED_BOUNDS_KW = _kwarg_for_fixed_bounds()
+
+# auto_LiRPA keeps a lower and an upper coefficient tensor per traversed node, plus temporaries of
+# the same size while it multiplies them through an operator.
+_COPIES_PER_NODE = 3
+
+
+def _format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.2f} GiB"
+
+
+def default_memory_budget() -> int:
+    """Bytes the coefficient tensors of one back-substitution may take: a quarter of the memory
+    available now, between 256 MiB and 1 GiB (``RJ_MEMORY_BUDGET`` in bytes overrides it)."""
+    override = os.environ.get("RJ_MEMORY_BUDGET")
+    if override:
+        return int(float(override))
+    available = 8 << 30
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+                    break
+    except OSError:
+        pass
+    return int(min(1 << 30, max(256 << 20, available // 4)))
 
 
 def _node_bounds(node: Any) -> tuple[Tensor, Tensor] | None:
@@ -231,13 +404,22 @@ class LirpaGraph:
         self.bound_opts = opts
         self.device = torch.device(device)
         self.dtype = example.dtype
-        self.module = _build_bounded_module(model, example, opts, self.device)
+        self.module = _build_bounded_module(traceable(model), example, opts, self.device)
         self.module.eval()
-        with torch.no_grad():
-            self.module(example)
+        check_traced_function(model, self.module, example)
         self.nodes = [self._describe(n) for n in self.module._modules.values()]
         self.input_name = self._input_node_name()
         self.output_name = self.module.final_name
+        self.memory_budget = default_memory_budget()
+        # Elements per batch entry of every input-dependent node up to each node (topological):
+        # the coefficient tensors of a back-substitution from that node span these nodes.
+        self._traversed: dict[str, int] = {}
+        total = 0
+        for node in self.module._modules.values():
+            shape = getattr(node, "output_shape", None)
+            if getattr(node, "perturbed", False) and shape is not None and len(shape) > 1:
+                total += math.prod(shape[1:])
+            self._traversed[node.name] = total
 
     # -- graph description ------------------------------------------------------------------
 
@@ -309,30 +491,95 @@ class LirpaGraph:
                     lb, ub = self._bound_node(x, name, "CROWN-IBP")
                 result[name] = _intersect((lb, ub), ibp[name])
             return result
-        # CROWN for the whole graph leaves every pre-activation bound
-        with torch.no_grad(), lirpa_errors("CROWN"):
-            self.module.compute_bounds(x=(x,), method="CROWN")
-        crown = {n: _intersect(b, ibp[n]) for n, b in self._read(names).items()}
+        if self._crown_fits(names, x.shape[0]):
+            # CROWN for the whole graph leaves every pre-activation bound
+            with torch.no_grad(), lirpa_errors("CROWN"):
+                self.module.compute_bounds(x=(x,), method="CROWN")
+            crown = {n: _intersect(b, ibp[n]) for n, b in self._read(names).items()}
+        else:
+            crown = self._crown_per_node(x, names, ibp)
         if method == "crown":
             return crown
         return self._alpha_crown(x, names, crown, alpha_iterations, alpha_lr)
+
+    def _node_size(self, name: str) -> int:
+        return math.prod(self.module[name].output_shape[1:])
+
+    def _bytes_per_row(self, name: str, batch: int) -> int:
+        """Estimated bytes of one specification row of a back-substitution from ``name``."""
+        itemsize = torch.finfo(self.dtype).bits // 8
+        return batch * _COPIES_PER_NODE * itemsize * (self._traversed[name] +
+                                                     self._node_size(name))
+
+    def rows_per_call(self, name: str, batch: int, method: str) -> int:
+        """How many of the node's neurons one back-substitution may bound within the memory
+        budget (all of them when they fit).
+
+        Raises:
+            InputError: when not even one row fits, naming the node, the estimate and the option.
+        """
+        per_row = self._bytes_per_row(name, batch)
+        if per_row > self.memory_budget:
+            raise InputError(
+                f"{method} bounds of node {name} need about {_format_bytes(per_row)} per "
+                f"neuron, over the memory budget of {_format_bytes(self.memory_budget)} "
+                "(RJ_MEMORY_BUDGET); use preact='ibp' or a smaller batch")
+        return max(1, min(self._node_size(name), self.memory_budget // per_row))
 
     def _bound_node(self, x: BoundedTensor, name: str, method: str, **kwargs: Any
                     ) -> tuple[Tensor, Tensor]:
         """Bounds of one node by ``method`` with that node as the final node, ``[B, *shape]``.
 
         The specification is the identity shaped like the node (0.3 does not reshape a flat C
-        for convolutional nodes), so this costs n^2 memory for a node of n neurons.
+        for convolutional nodes), one block of rows at a time so that the coefficient tensors
+        stay within :attr:`memory_budget` (:meth:`rows_per_call`).
         """
         node = self.module[name]
         shape = tuple(node.output_shape[1:])
-        n = math.prod(shape)
-        spec = torch.eye(n, dtype=self.dtype, device=self.device).reshape(1, n, *shape)
-        spec = spec.expand(x.shape[0], n, *shape)
-        with lirpa_errors(method):
-            lb, ub = self.module.compute_bounds(x=(x,), C=spec, method=method,
-                                                final_node_name=name, **kwargs)
-        return lb.detach().reshape(x.shape[0], *shape), ub.detach().reshape(x.shape[0], *shape)
+        n, batch = math.prod(shape), x.shape[0]
+        rows = self.rows_per_call(name, batch, method)
+        lower, upper = [], []
+        for start in range(0, n, rows):
+            k = min(rows, n - start)
+            spec = torch.zeros(k, n, dtype=self.dtype, device=self.device)
+            spec[:, start:start + k] = torch.eye(k, dtype=self.dtype, device=self.device)
+            spec = spec.reshape(1, k, *shape).expand(batch, k, *shape)
+            with lirpa_errors(method):
+                lb, ub = self.module.compute_bounds(x=(x,), C=spec, method=method,
+                                                    final_node_name=name, **kwargs)
+            lower.append(lb.detach().reshape(batch, k))
+            upper.append(ub.detach().reshape(batch, k))
+        return (torch.cat(lower, 1).reshape(batch, *shape),
+                torch.cat(upper, 1).reshape(batch, *shape))
+
+    def _crown_fits(self, names: list[str], batch: int) -> bool:
+        """Whether one CROWN pass over the whole graph (every node's full identity
+        specification at once) fits the memory budget."""
+        return all(self._bytes_per_row(n, batch) * self._node_size(n) <= self.memory_budget
+                   for n in names)
+
+    def _crown_per_node(self, x: BoundedTensor, names: list[str],
+                        ibp: dict[str, tuple[Tensor, Tensor]]) -> dict[str, tuple[Tensor, Tensor]]:
+        """CROWN for each pre-activation node in order, in blocks of rows, with the earlier
+        nodes' CROWN bounds fixed: the bounds of the whole-graph pass, within the budget."""
+        result: dict[str, tuple[Tensor, Tensor]] = {}
+        for k, name in enumerate(names):
+            fixed = {n: [result[n][0], result[n][1]] for n in names[:k]}
+            with torch.no_grad():
+                bounds = self._bound_node(x, name, "CROWN", **{_FIXED_BOUNDS_KW: fixed})
+            result[name] = _intersect(bounds, ibp[name])
+        return result
+
+    def _ancestors(self, name: str) -> set[str]:
+        """Names of the nodes ``name`` depends on (not itself)."""
+        seen: set[str] = set()
+        stack = [i.name for i in self.module[name].inputs]
+        while stack:
+            node = stack.pop()
+            if node not in seen:
+                seen.add(node)
+                stack.extend(i.name for i in self.module[node].inputs)
+        return seen
 
     def _alpha_crown(self, x: BoundedTensor, names: list[str],
                      crown: dict[str, tuple[Tensor, Tensor]], iterations: int, lr: float
@@ -346,9 +593,12 @@ class LirpaGraph:
             return crown
         opt = self.module.bound_opts.setdefault("optimize_bound_args", {})
         opt.update({"iteration": iterations, "lr_alpha": lr})
+        optimizable = {n.name for n in self.module.optimizable_activations}
         result: dict[str, tuple[Tensor, Tensor]] = {}
         for k, name in enumerate(names):
-            if k == 0:  # the first pre-activation node of a chain: CROWN is exact over a box
+            # Nothing to optimise before this node (e.g. the first pre-activation node, which
+            # CROWN bounds exactly over a box, or one after only leaky ReLUs): CROWN's bounds.
+            if k == 0 or not optimizable & self._ancestors(name):
                 result[name] = crown[name]
                 continue
             fixed = {n: [result[n][0], result[n][1]] for n in names[:k]}

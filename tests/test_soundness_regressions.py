@@ -263,3 +263,88 @@ def test_softplus_is_bounded_by_every_method() -> None:
             jb = bounder.bound(bounder.region(x0, eps, math.inf), preact=preact,
                                alpha_iterations=5)
             _assert_contains(jb, jac, f"softplus eps {eps} {preact}")
+
+
+def test_a_traced_graph_that_computes_another_function_is_refused() -> None:
+    """AvgPool2d's divisor_override is lost in tracing: bounding the traced graph would bound
+    another network (all bounds off by the factor 4/3)."""
+    net = nn.Sequential(nn.AvgPool2d(2, divisor_override=3), nn.Flatten(),
+                        nn.Linear(4, 1)).double().eval()
+    with pytest.raises(UnsupportedLayerError, match="another function"):
+        JacobianBounder(net, input_shape=(1, 4, 4))
+
+
+@pytest.mark.parametrize("name", ["leaky-first", "eval-dropout", "batchnorm-no-affine",
+                                  "unflatten", "same-and-valid-padding"])
+def test_layers_rewritten_for_tracing_are_bounded_soundly(name: str) -> None:
+    """Each raised a raw exception before (alpha-CROWN with nothing to optimise before a node;
+    auto_LiRPA 0.3 failing on eval dropout, affine-free BatchNorm, Unflatten, string padding)."""
+    torch.manual_seed(1)
+    nets = {
+        "leaky-first": (nn.Sequential(nn.LeakyReLU(0.2), nn.Linear(4, 3), nn.ReLU(),
+                                      nn.Linear(3, 2)), (4,)),
+        "eval-dropout": (nn.Sequential(nn.Linear(4, 6), nn.Dropout(0.3), nn.ReLU(),
+                                       nn.Linear(6, 2)), (4,)),
+        "batchnorm-no-affine": (nn.Sequential(nn.Conv2d(1, 2, 3),
+                                              nn.BatchNorm2d(2, affine=False), nn.Sigmoid(),
+                                              nn.Flatten(), nn.Linear(32, 2)), (1, 6, 6)),
+        "unflatten": (nn.Sequential(nn.Unflatten(1, (1, 4, 4)), nn.Conv2d(1, 2, 3), nn.ReLU(),
+                                    nn.Flatten(), nn.Linear(8, 2)), (16,)),
+        "same-and-valid-padding": (nn.Sequential(nn.Conv2d(1, 2, 3, padding="same"), nn.ReLU(),
+                                                 nn.Conv2d(2, 2, 3, padding="valid"), nn.Tanh(),
+                                                 nn.Flatten(), nn.Linear(32, 2)), (1, 6, 6)),
+    }
+    net, shape = nets[name]
+    net = net.double().eval()
+    if isinstance(net[1], nn.BatchNorm2d):
+        net[1].running_mean.uniform_(-0.5, 0.5)
+        net[1].running_var.uniform_(0.5, 2.0)
+    x0 = torch.rand(2, *shape, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    bounder = JacobianBounder(net, input_shape=shape)
+    gen = torch.Generator().manual_seed(8)
+    jac = torch.stack([oracle.jacobians(net, torch.cat([x0[b:b + 1], oracle.random_points(
+        x0[b], 0.05, math.inf, 200, gen)])) for b in range(2)])
+    for preact in PREACT_METHODS:
+        jb = bounder.bound(bounder.region(x0, 0.05, math.inf), preact=preact, alpha_iterations=4)
+        _assert_contains(jb, jac, f"{name} {preact}")
+
+
+def test_unparsed_operators_are_named() -> None:
+    net = nn.Sequential(nn.Linear(4, 6), nn.ELU(), nn.Linear(6, 2)).double()
+    with pytest.raises(UnsupportedLayerError, match=r"\(op Elu\)"):
+        JacobianBounder(net, input_shape=(4,))
+
+
+@pytest.mark.parametrize("name", ["conv1d-strided-dilated", "avgpool1d", "batchnorm1d",
+                                  "conv2d-unequal-dilation"])
+def test_one_dimensional_layers_and_unequal_dilation(name: str) -> None:
+    """Conv1d/AvgPool1d raised IndexError in auto_LiRPA 0.3 (they are now computed as 2-d layers
+    on a height-1 image); a dilation that differs between the axes got a transposed convolution
+    of the wrong size under CROWN (0.3 used the height's dilation for the width)."""
+    torch.manual_seed(3)
+    nets = {
+        "conv1d-strided-dilated": (nn.Sequential(
+            nn.Conv1d(1, 3, 3, stride=2, padding=1), nn.ReLU(), nn.Conv1d(3, 2, 2, dilation=2),
+            nn.Tanh(), nn.Flatten(), nn.Linear(4, 2)), (1, 8)),
+        "avgpool1d": (nn.Sequential(nn.Conv1d(2, 4, 3, groups=2), nn.ReLU(),
+                                    nn.AvgPool1d(3, stride=1, padding=1, count_include_pad=False),
+                                    nn.Flatten(), nn.Linear(24, 2)), (2, 8)),
+        "batchnorm1d": (nn.Sequential(nn.Conv1d(1, 3, 3, bias=False), nn.BatchNorm1d(3),
+                                      nn.ReLU(), nn.Flatten(), nn.Linear(18, 2)), (1, 8)),
+        "conv2d-unequal-dilation": (nn.Sequential(
+            nn.Conv2d(1, 2, 3, dilation=(1, 2), stride=(2, 1)), nn.ReLU(), nn.Flatten(),
+            nn.Linear(24, 2)), (1, 8, 8)),
+    }
+    net, shape = nets[name]
+    net = net.double().eval()
+    x0 = torch.rand(1, *shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    bounder = JacobianBounder(net, input_shape=shape)
+    gen = torch.Generator().manual_seed(5)
+    jac = oracle.jacobians(net, torch.cat([x0, oracle.random_points(x0[0], 0.1, math.inf, 300,
+                                                                    gen)]))[None]
+    zero = bounder.bound(bounder.region(x0, 0.0, math.inf), preact="crown")
+    _assert_contains(zero, jac[:, :1], f"{name} eps 0")
+    assert float((zero.upper - zero.lower).max()) < 1e-12
+    for preact in PREACT_METHODS:
+        jb = bounder.bound(bounder.region(x0, 0.1, math.inf), preact=preact, alpha_iterations=4)
+        _assert_contains(jb, jac, f"{name} {preact}")
