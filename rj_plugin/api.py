@@ -242,8 +242,17 @@ class JacobianBounder:
                     [torch.cat([p[1][k] for p in parts]) for k in range(len(parts[0][1]))])
         else:
             ptb = make_perturbation(region.norm, region.eps, region.lower, region.upper)
-            pre = self.graph.preactivation_bounds(region.center, ptb, self.preact_nodes, preact,
-                                                  alpha_iterations, alpha_lr)
+            try:
+                pre = self.graph.preactivation_bounds(region.center, ptb, self.preact_nodes,
+                                                      preact, alpha_iterations, alpha_lr)
+            except UnsupportedLayerError:
+                if region.batch == 1:
+                    raise
+                # Some of auto_LiRPA 0.3's rules break on batches (e.g. a broadcast constant
+                # before the first layer under CROWN); the inputs one at a time give the same
+                # bounds, and a real refusal is raised again for the first input.
+                self.max_batch = 1
+                return self.derivative_ranges(region, preact, alpha_iterations, alpha_lr)
             pairs = []
             for act in self.jacobian_graph.activations:
                 lo, hi = _checked_interval(*pre[act.input_node], act, preact, region.batch)

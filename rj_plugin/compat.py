@@ -1117,6 +1117,35 @@ def _patch_conv_transpose_dilation(al: types.ModuleType) -> bool:
     return True
 
 
+def _patch_matmul_ibp_spec(al: types.ModuleType) -> bool:
+    """IBP of a specification C merged into a MatMul node.
+
+    What broke: 0.3's ``IBP_general(node, C)`` merges C into the last layer when that node is a
+    ``BoundLinear``, calling ``node.interval_propagate(*inputs, C=C)``; ``BoundMatMul`` subclasses
+    ``BoundLinear`` but its ``interval_propagate(*v)`` takes no ``C``, so CROWN-IBP on a node that
+    is ``x @ W`` raises ``TypeError``.
+    Why it is correct: the MatMul's own interval, then C applied to it by 0.3's static interval
+    product (``BoundLinear.interval_propagate(None, interval, C=C)``): a sound, if not merged,
+    bound of C times the node.
+    Guard: only when ``BoundMatMul.interval_propagate`` takes no keyword ``C``.
+    """
+    cls = getattr(al.operators, "BoundMatMul", None)
+    original = None if cls is None else cls.__dict__.get("interval_propagate")
+    if original is None or _is_marked(original):
+        return False
+    if "C" in inspect.signature(original).parameters:
+        return False
+
+    def interval_propagate(self: Any, *v: Any, C: Any = None) -> Any:
+        interval = original(self, *v)
+        if C is None:
+            return interval
+        return al.operators.BoundLinear.interval_propagate(None, interval, C=C)
+
+    cls.interval_propagate = _mark(interval_propagate, "matmul_ibp_spec")
+    return True
+
+
 # -------------------------------------------------------------------------------------------------
 # Public API
 # -------------------------------------------------------------------------------------------------
@@ -1143,6 +1172,7 @@ _POST_IMPORT: tuple[tuple[str, Callable[[types.ModuleType], bool]], ...] = (
     ("ibp_spec_any_rank", _patch_ibp_spec_any_rank),
     ("matmul_constant_left", _patch_matmul_constant_left),
     ("conv_transpose_dilation", _patch_conv_transpose_dilation),
+    ("matmul_ibp_spec", _patch_matmul_ibp_spec),
 )
 
 

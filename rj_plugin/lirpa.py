@@ -119,12 +119,13 @@ def _failing_node(tb: Any) -> str | None:
 
 
 def _raised_in_lirpa(tb: Any) -> bool:
-    """True when the innermost frame of a traceback is auto_LiRPA's code."""
-    last = None
+    """True when a traceback passes through auto_LiRPA's code (the error arose there or in what
+    it called, torch included), not only through the plugin's."""
     while tb is not None:
-        last, tb = tb, tb.tb_next
-    return last is not None and os.path.abspath(last.tb_frame.f_code.co_filename).startswith(
-        _LIRPA_DIR)
+        if os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(_LIRPA_DIR):
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
@@ -198,7 +199,8 @@ class _Conv1dAs2d(nn.Module):
             return cls(nn.AvgPool2d((1, layer.kernel_size[0]), (1, layer.stride[0]), (0, pad),
                                     layer.ceil_mode, layer.count_include_pad))
         conv = nn.Conv2d(layer.in_channels, layer.out_channels, (1, layer.kernel_size[0]),
-                         (1, layer.stride[0]), (0, layer.padding[0]), (1, layer.dilation[0]),
+                         (1, layer.stride[0]), (0, _explicit_padding(layer)[0]),
+                         (1, layer.dilation[0]),
                          layer.groups, layer.bias is not None, device=layer.weight.device,
                          dtype=layer.weight.dtype)
         with torch.no_grad():
@@ -213,8 +215,16 @@ class _Conv1dAs2d(nn.Module):
 
 def _is_plain_1d(m: nn.Module) -> bool:
     if isinstance(m, nn.Conv1d):
-        return m.padding_mode == "zeros" and not isinstance(m.padding, str)
+        return m.padding_mode == "zeros" and (not isinstance(m.padding, str)
+                                              or _explicit_padding(m) is not None)
     return isinstance(m, nn.AvgPool1d)
+
+
+def _explicit_padding(conv: nn.modules.conv._ConvNd) -> tuple[int, ...] | None:
+    """A convolution's padding as integers ('valid', and 'same' where it is symmetric)."""
+    if not isinstance(conv.padding, str):
+        return tuple(conv.padding)
+    return (0,) * len(conv.kernel_size) if conv.padding == "valid" else _same_padding(conv)
 
 
 def traceable(model: nn.Module) -> nn.Module:

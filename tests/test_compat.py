@@ -20,6 +20,7 @@ al = compat.import_auto_lirpa()
 
 METHODS = ("IBP", "CROWN", "CROWN-IBP", "CROWN-Optimized")
 KNOWN_PATCHES = {
+    "matmul_ibp_spec",
     "conv_transpose_dilation",
     "matmul_constant_left",
     "ibp_spec_any_rank",

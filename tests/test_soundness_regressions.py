@@ -22,7 +22,7 @@ from torch import nn
 
 from rj_plugin.api import METHODS, JacobianBounder, _checked_interval
 from rj_plugin.derivatives import get_activation
-from rj_plugin.errors import UnsupportedLayerError
+from rj_plugin.errors import InputError, UnsupportedLayerError
 from rj_plugin.lirpa import PREACT_METHODS
 from tests import oracle
 
@@ -274,11 +274,21 @@ def test_a_traced_graph_that_computes_another_function_is_refused() -> None:
         JacobianBounder(net, input_shape=(1, 4, 4))
 
 
+class _MinusTanhMatMul(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x - torch.tanh(x @ self.weight)
+
+
 @pytest.mark.parametrize("name", ["leaky-first", "eval-dropout", "batchnorm-no-affine",
-                                  "unflatten", "same-and-valid-padding"])
+                                  "unflatten", "same-and-valid-padding", "matmul-on-input"])
 def test_layers_rewritten_for_tracing_are_bounded_soundly(name: str) -> None:
     """Each raised a raw exception before (alpha-CROWN with nothing to optimise before a node;
-    auto_LiRPA 0.3 failing on eval dropout, affine-free BatchNorm, Unflatten, string padding)."""
+    auto_LiRPA 0.3 failing on eval dropout, affine-free BatchNorm, Unflatten, string padding,
+    CROWN-IBP's spec merged into a MatMul)."""
     torch.manual_seed(1)
     nets = {
         "leaky-first": (nn.Sequential(nn.LeakyReLU(0.2), nn.Linear(4, 3), nn.ReLU(),
@@ -288,6 +298,8 @@ def test_layers_rewritten_for_tracing_are_bounded_soundly(name: str) -> None:
         "batchnorm-no-affine": (nn.Sequential(nn.Conv2d(1, 2, 3),
                                               nn.BatchNorm2d(2, affine=False), nn.Sigmoid(),
                                               nn.Flatten(), nn.Linear(32, 2)), (1, 6, 6)),
+        "matmul-on-input": (nn.Sequential(_MinusTanhMatMul(), nn.Linear(4, 3), nn.ReLU(),
+                                          nn.Linear(3, 2)), (4,)),
         "unflatten": (nn.Sequential(nn.Unflatten(1, (1, 4, 4)), nn.Conv2d(1, 2, 3), nn.ReLU(),
                                     nn.Flatten(), nn.Linear(8, 2)), (16,)),
         "same-and-valid-padding": (nn.Sequential(nn.Conv2d(1, 2, 3, padding="same"), nn.ReLU(),
@@ -348,3 +360,30 @@ def test_one_dimensional_layers_and_unequal_dilation(name: str) -> None:
     for preact in PREACT_METHODS:
         jb = bounder.bound(bounder.region(x0, 0.1, math.inf), preact=preact, alpha_iterations=4)
         _assert_contains(jb, jac, f"{name} {preact}")
+
+
+def test_memory_budget_chunks_specifications_with_the_same_bounds() -> None:
+    """Issue 7, item 15: per-node specifications are n x n; past the memory budget they are
+    bounded in blocks of rows (and CROWN node by node) with the very same result, and a node
+    that cannot fit even one row is refused with the node, the estimate and the option named."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, stride=2),
+                        nn.Tanh(), nn.Flatten(), nn.Linear(36, 8), nn.ReLU(),
+                        nn.Linear(8, 3)).double().eval()
+    x0 = torch.rand(2, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    bounder = JacobianBounder(net, input_shape=(1, 8, 8))
+    region = bounder.region(x0, 0.05, math.inf)
+    whole = {p: bounder.bound(region, preact=p, alpha_iterations=3)
+             for p in ("crown", "crown-ibp", "alpha-crown")}
+    graph = bounder.graph
+    graph.memory_budget = 200_000
+    assert not graph._crown_fits(bounder.preact_nodes, 2)
+    assert min(graph.rows_per_call(n, 2, "CROWN") for n in bounder.preact_nodes) < 36
+    for preact, reference in whole.items():
+        chunked = bounder.bound(region, preact=preact, alpha_iterations=3)
+        assert torch.allclose(chunked.lower, reference.lower, atol=1e-12, rtol=0), preact
+        assert torch.allclose(chunked.upper, reference.upper, atol=1e-12, rtol=0), preact
+    graph.memory_budget = 1000
+    with pytest.raises(InputError, match=r"node .* need about .* per neuron.*preact='ibp'"):
+        bounder.bound(region, preact="crown")
+    assert bounder.bound(region, preact="ibp") is not None
