@@ -24,21 +24,11 @@ from torch import nn
 
 from rj_plugin import models
 from rj_plugin.api import JacobianBounder
-from rj_plugin.cli import main
 from rj_plugin.config import load_config
 from rj_plugin.errors import ConfigError, InputError
 from rj_plugin.io.results import atomic_write_json, atomic_write_text
 from rj_plugin.tasks import runner
-
-
-def _run(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
-    """``main(argv)`` in-process: (exit status, stdout, stderr); argparse exits are caught."""
-    try:
-        code = main(argv)
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+from tests.test_cli import _run
 
 
 def _assert_one_error(code: int, err: str, *needles: str) -> str:
