@@ -291,3 +291,39 @@ def test_vnnlib_run_acasxu(tmp_path: Path, capsys: pytest.CaptureFixture) -> Non
     with torch.no_grad():
         jac = oracle.jacobians(model, pts).numpy()
     assert (jac >= lower[0] - 1e-9).all() and (jac <= upper[0] + 1e-9).all()
+
+
+class _Standardise(nn.Module):
+    """``(x - 0.4) / 0.3``: an op on the raw input that is not Linear (issue 7)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - 0.4) / 0.3
+
+
+@pytest.mark.parametrize("norm", ["2", "1"])
+def test_lp_ball_on_a_normalised_model_from_the_command_line(norm: str, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture
+                                                              ) -> None:
+    """`rj jacobian --norm 2` on a model that normalises its input once bounded the single point
+    x0 (widths ~1e-15 whatever eps); the file's bounds must contain sampled Jacobians."""
+    torch.manual_seed(5)
+    net = nn.Sequential(_Standardise(), nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    net.rj_input_shape = (5,)
+    torch.save(net, tmp_path / "norm.pt")
+    center = np.linspace(0.2, 0.6, 5)
+    np.save(tmp_path / "c.npy", center)
+    out = tmp_path / "out.json"
+    code, _, err = _run(["jacobian", "--model", str(tmp_path / "norm.pt"), "--center",
+                         str(tmp_path / "c.npy"), "--eps", "0.4", "--norm", norm,
+                         "--output", str(out)], capsys)
+    assert code == 0, err
+    result = json.loads(out.read_text())
+    lower, upper = np.asarray(result["lower"])[0], np.asarray(result["upper"])[0]
+    assert (upper - lower).mean() > 1e-3
+    p = float(norm)
+    pts = oracle.region_points(net, torch.as_tensor(center), 0.4, p, 1000,
+                               torch.Generator().manual_seed(0),
+                               [(0, 0, 1.0), (0, 0, -1.0), (2, None, 1.0)])
+    with torch.no_grad():
+        jac = oracle.jacobians(net, pts).numpy()
+    assert (jac >= lower).all() and (jac <= upper).all()
