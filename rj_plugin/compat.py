@@ -35,6 +35,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
 import torch
 
 __all__ = ["applied", "apply", "default_bound_opts", "import_auto_lirpa"]
@@ -694,6 +695,13 @@ def _patch_lp_input_box(al: types.ModuleType) -> bool:
             setattr(result, _BALL_MARK, True)
         return result
 
+    original_ptb_init = ptb_cls.__init__
+
+    def ptb_init(self: Any, *args: Any, **kwargs: Any) -> None:
+        with np.errstate(divide="ignore"):  # the dual of p = 1 is 1 / (1 - 1/1) = inf
+            original_ptb_init(self, *args, **kwargs)
+
+    ptb_cls.__init__ = _mark(ptb_init, "lp_input_box")
     ptb_cls.init = _mark(init, "lp_input_box")
     interval_cls.get_perturbation = staticmethod(_mark(get_perturbation, "lp_input_box"))
     interval_cls.make_interval = staticmethod(_mark(make_interval, "lp_input_box"))
@@ -718,7 +726,8 @@ def _ball_aware_interval(original: Callable[..., Any], al: types.ModuleType
         ball = al.operators.base.Interval(center, center, ptb=root.perturbation)
         setattr(ball, _BALL_MARK, True)
         try:
-            lp = original(self, ball, *v[1:], **kwargs)
+            with np.errstate(divide="ignore"):  # 0.3 computes the l_1 ball's dual as 1 / 0
+                lp = original(self, ball, *v[1:], **kwargs)
         except NotImplementedError:  # e.g. 0.3's ConvTranspose has no l_p rule
             return box
         return torch.maximum(box[0], lp[0]), torch.minimum(box[1], lp[1])
