@@ -29,6 +29,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
+import math
 import sys
 import types
 import warnings
@@ -888,7 +889,8 @@ def _patch_softplus_relaxation(al: types.ModuleType) -> bool:
     What broke: 0.3's ``BoundSoftplus`` has no ``bound_relax``; CROWN on a net with softplus
     raises ``NotImplementedError`` (only IBP works).
     Why it is correct: softplus(z) = log(1 + e^z) is convex, so on [l, u] its chord lies above it
-    and its tangent at any point (here the midpoint m, slope sigmoid(m)) lies below it.  For
+    and its tangent at any point (here the midpoint m, slope sigmoid(m)) lies below it (moved down
+    by log(1 + e^-20) where u > 20: torch's softplus is the identity above 20).  For
     l = u the chord is replaced by the tangent at l (exact there).  Both lines are moved outwards
     by a few ulps of the magnitudes involved, so rounding in the evaluated values (and the
     cancellation in the chord's slope when u - l is tiny, whose effect on [l, u] is at most a few
@@ -912,7 +914,10 @@ def _patch_softplus_relaxation(al: types.ModuleType) -> bool:
         k_up = torch.where(width > 0, chord, torch.sigmoid(lower))
         b_up = f_l - k_up * lower
         slack = ulp * (f_l.abs() + f_u.abs() + k_up.abs() * (lower.abs() + upper.abs()) + 1e-300)
-        self.lw, self.lb = k_low, b_low - ulp * (b_low.abs() + (k_low * mid).abs())
+        # torch's softplus (what the model computes) is z itself above 20, below log(1 + e^z)
+        # by at most log(1 + e^-20): the lower line moves down by that much where it matters.
+        gap = torch.where(upper > 20.0, torch.full_like(upper, math.log1p(math.exp(-20.0))), 0.0)
+        self.lw, self.lb = k_low, b_low - ulp * (b_low.abs() + (k_low * mid).abs()) - gap
         self.uw, self.ub = k_up, b_up + slack
 
     cls.bound_relax = _mark(bound_relax, "softplus_relaxation")

@@ -13,7 +13,8 @@ Rules by shape of sigma':
 
 * piecewise constant (ReLU, leaky ReLU, hard-tanh): the values sigma' takes on the pieces that
   [l, u] meets, including the kink value sets;
-* monotone sigma' (softplus: sigma' = logistic, increasing; ELU with alpha <= 1: non-decreasing):
+* monotone sigma' (softplus: sigma' = logistic, increasing, and 1 above torch's threshold of 20
+  where torch's softplus is the identity; ELU with alpha <= 1: non-decreasing):
   ``[sigma'(l), sigma'(u)]``;
 * even, unimodal sigma' with its maximum at 0 (tanh, sigmoid, arctan): the minimum is at the
   endpoint farthest from 0, the maximum at 0 if the interval straddles it, else at the endpoint
@@ -144,6 +145,19 @@ def _elu_prime(alpha: float) -> Callable[[Tensor], Tensor]:
     return d
 
 
+# torch's softplus is the identity above this input (``nn.Softplus(threshold=20)``, the default and
+# the only threshold the plugin accepts: ONNX's Softplus, what tracing records, has none).
+SOFTPLUS_THRESHOLD = 20.0
+
+
+def _softplus_rule(lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor]:
+    """softplus' = sigmoid, increasing, except that torch's softplus is the identity (derivative
+    exactly 1) above ``SOFTPLUS_THRESHOLD``: [sigmoid(l), sigmoid(u)], with 1 as the upper end
+    once u exceeds the threshold (sigmoid(20) = 1 - 2e-9 would exclude it)."""
+    g_lo, g_hi = _widen(torch.sigmoid(lower), torch.sigmoid(upper), 1.0)
+    return g_lo, torch.where(upper > SOFTPLUS_THRESHOLD, torch.clamp(g_hi, min=1.0), g_hi)
+
+
 def _hardtanh_rule(lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor]:
     """hardtanh' = 1 on (-1, 1) and 0 outside [-1, 1]; at +-1 any value in [0, 1]."""
     inside = (lower > -1) & (upper < 1)
@@ -188,7 +202,7 @@ for _act in (
     Activation("tanh", _even_unimodal_rule(_tanh_prime, 1.0), 1.0),
     Activation("sigmoid", _even_unimodal_rule(_sigmoid_prime, 0.25), 0.25),
     Activation("arctan", _even_unimodal_rule(_arctan_prime, 1.0), 1.0),
-    Activation("softplus", _monotone_rule(torch.sigmoid, 1.0), 1.0),
+    Activation("softplus", _softplus_rule, 1.0),
     Activation("hardtanh", _hardtanh_rule, 1.0),
 ):
     register_activation(_act)

@@ -248,6 +248,12 @@ def traceable(model: nn.Module) -> nn.Module:
                 or (isinstance(m, nn.modules.conv._ConvNd) and isinstance(m.padding, str))
                 or (isinstance(m, nn.Unflatten) and m.dim == 1) or _is_plain_1d(m))
 
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Softplus) and float(m.threshold) != 20.0:
+            raise UnsupportedLayerError(
+                f"module {name or 'model'} (Softplus) has threshold={m.threshold}: tracing "
+                "records ONNX's Softplus, which has no threshold, so only torch's default of "
+                "20 is supported")
     if not any(needs(m) for m in model.modules()):
         return model
     model = copy.deepcopy(model)

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from rj_plugin.errors import UnsupportedLayerError
 from rj_plugin.lirpa import auto_LiRPA  # imported through the compatibility layer
 
 Bound = auto_LiRPA.operators.Bound
@@ -153,6 +154,34 @@ def _same_tensor(a: Tensor | None, b: Tensor | None) -> bool:
         torch.equal(a, b)
 
 
+_NO_OP_VIEWS = frozenset({"BoundReshape", "BoundFlatten", "BoundSqueeze", "BoundUnsqueeze"})
+
+
+def _perturbed_root(node: Any, name: str) -> Any:
+    """The perturbed input node whose region the Jacobian is bounded over.
+
+    The tracer may record a no-op view (e.g. Flatten of a flat input) as the op's input; the
+    region is then that of the perturbed input behind it.  Any other op in between (``3 * x``,
+    ``x + 1``, a layer) would make the node the Jacobian at g(x), not at x, and bounding it over
+    x's region would be wrong: refused, naming the op.
+    """
+    shape = tuple(node.output_shape[1:]) if getattr(node, "output_shape", None) else None
+    while getattr(node, "perturbation", None) is None:
+        kind = type(node).__name__
+        same_shape = shape is not None and tuple(node.output_shape[1:]) == shape
+        if kind not in _NO_OP_VIEWS or not same_shape or not node.inputs:
+            raise UnsupportedLayerError(
+                f"the Jacobian node {name} must take the perturbed input itself; it takes the "
+                f"output of node {node.name} (op {kind.removeprefix('Bound')}); put that op "
+                "inside the network given to JacobianOf (the Jacobian is taken w.r.t. its input)")
+        node = node.inputs[0]
+    if shape is not None and tuple(node.output_shape[1:]) != shape:
+        raise UnsupportedLayerError(
+            f"the Jacobian node {name} takes a reshaped view of the perturbed input; apply "
+            "JacobianOf to a network that takes the input in its own shape")
+    return node
+
+
 class BoundRecurJacobian(Bound):
     """auto_LiRPA bound class of ``rj_plugin::Jacobian`` (see the module docstring)."""
 
@@ -174,11 +203,7 @@ class BoundRecurJacobian(Bound):
         """RecurJac bounds over the region of the input node (its perturbation and interval)."""
         from rj_plugin.api import JacobianBounder
 
-        node = self.inputs[0]
-        # The tracer may record a no-op view (e.g. Flatten of a flat input) as the op's input;
-        # the region is that of the perturbed root input behind it.
-        while getattr(node, "perturbation", None) is None and node.inputs:
-            node = node.inputs[0]
+        node = _perturbed_root(self.inputs[0], self.name)
         # The cache is keyed on the region's values, never on tensor identities: a perturbation
         # reused with a new eps, or a box whose x_L / x_U were moved in place, is a new region.
         key = _RegionKey.of(node)

@@ -159,3 +159,27 @@ def test_box_moved_in_place_gives_the_new_boxs_bounds(net) -> None:
             fresh = rj_plugin.bound_jacobian(net, lower=x_lo, upper=x_hi)
             assert torch.equal(lb, fresh.lower) and torch.equal(ub, fresh.upper)
     assert not torch.equal(lb, first[0]) and not torch.equal(ub, first[1])
+
+
+@pytest.mark.parametrize("before", ["scale", "shift", "negate"])
+def test_an_op_between_the_input_and_the_node_is_refused(before: str) -> None:
+    """JacobianOf(net)(g(x)) is the Jacobian at g(x); it was bounded over x's region (unsound,
+    found by the outside fuzz of issue 7).  Now refused, naming the op in between."""
+    from rj_plugin.errors import UnsupportedLayerError
+
+    net = build_mlp(4, [6], 3, "tanh").double().eval()
+    ops = {"scale": lambda x: 3 * x, "shift": lambda x: x + 1.0, "negate": lambda x: -x}
+
+    class Outer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.jac = JacobianOf(net)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.jac(ops[before](x))
+
+    x0 = torch.rand(2, 4, dtype=torch.float64)
+    bm = auto_LiRPA.BoundedModule(Outer().eval(), x0)
+    ptb = auto_LiRPA.PerturbationLpNorm(norm=math.inf, eps=0.2)
+    with pytest.raises(UnsupportedLayerError, match=r"must take the perturbed input.*\(op "):
+        bm.compute_bounds(x=(auto_LiRPA.BoundedTensor(x0, ptb),), method="IBP")

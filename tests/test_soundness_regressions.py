@@ -387,3 +387,26 @@ def test_memory_budget_chunks_specifications_with_the_same_bounds() -> None:
     with pytest.raises(InputError, match=r"node .* need about .* per neuron.*preact='ibp'"):
         bounder.bound(region, preact="crown")
     assert bounder.bound(region, preact="ibp") is not None
+
+
+@pytest.mark.parametrize("beta,x", [(1.0, 21.0), (2.0, 10.5), (1.0, 19.5)])
+def test_softplus_above_torchs_threshold_has_derivative_one(beta: float, x: float) -> None:
+    """torch's softplus is the identity above beta * x = 20 (derivative exactly 1), ONNX's (what
+    tracing records) never is: sigmoid(21) = 1 - 8e-10 excluded J(x0) = 1 (outside fuzz)."""
+    net = nn.Sequential(nn.Softplus(beta=beta), nn.Linear(1, 2)).double().eval()
+    bounder = JacobianBounder(net, input_shape=(1,))
+    x0 = torch.tensor([[x]], dtype=torch.float64)
+    points = torch.linspace(x - 1.0, x + 1.0, 201, dtype=torch.float64)[:, None]
+    jac = oracle.jacobians(net, points)[None]
+    for eps in (0.0, 1.0):
+        for preact in PREACT_METHODS:
+            jb = bounder.bound(bounder.region(x0, eps, math.inf), preact=preact,
+                               alpha_iterations=3)
+            _assert_contains(jb, jac if eps else oracle.jacobians(net, x0)[None],
+                             f"beta {beta} x {x} eps {eps} {preact}")
+
+
+def test_softplus_with_another_threshold_is_refused() -> None:
+    with pytest.raises(UnsupportedLayerError, match="threshold=1.0"):
+        JacobianBounder(nn.Sequential(nn.Softplus(threshold=1.0), nn.Linear(1, 1)).double(),
+                        input_shape=(1,))
