@@ -353,9 +353,12 @@ def build_graph(nodes: list[GraphNode], input_node: str, output_node: str) -> Ja
             continue
         variable.add(node.name)
         if node.op in ACTIVATION_OPS:
+            try:
+                activation = get_activation(_activation_name(node))
+            except UnsupportedLayerError as exc:
+                raise UnsupportedLayerError(f"node {node.name} (op {node.op}): {exc}") from None
             activations.append(ActivationStep(node.name, node.op, node.inputs[var[0]],
-                                              get_activation(_activation_name(node)),
-                                              tuple(node.output_shape[1:])))
+                                              activation, tuple(node.output_shape[1:])))
             continue
         if node.op not in LINEAR_OPS:
             reason = _REFUSED.get(node.op, "no Jacobian rule for this operator")
