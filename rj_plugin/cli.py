@@ -6,6 +6,9 @@
     rj jacobian --model net.pt --input-shape 1,28,28 --center x0.npy --eps 0.1  # shape not in .pt
     rj run configs/digits-lipschitz.yaml --set data.end=3                   # a YAML-configured task
     rj demo                                                                  # bundled digits MLPs
+    rj verify --model net.onnx --vnnlib prop.vnnlib --timeout 60 --results out.txt  # one instance
+    rj vnncomp ../shared/data/vnncomp/test --output runs/test     # benchmark folders (VNN-COMP)
+    rj score runs/test/results.csv ../shared/data/vnncomp/test    # +10 right, -150 wrong
 
 Every failure is one line on stderr naming the problem (``rj: error: ...``) and exit status 2;
 options that need no model (device, alpha-CROWN settings, the output path) are checked before
@@ -186,6 +189,55 @@ def _run_command(args: argparse.Namespace) -> int:
     return code
 
 
+def _verify_command(args: argparse.Namespace) -> int:
+    from rj_plugin.config import load_vnncomp_config
+    from rj_plugin.verify.runner import run_verify
+
+    config = load_vnncomp_config(args.config, args.overrides)
+    record = run_verify(args.model, args.vnnlib, args.timeout, config=config,
+                        results_file=args.results, json_file=args.json, verifier=args.verifier,
+                        clock_start=args.clock_start, category=args.category, hard_exit=True)
+    if record["answer"] == "error":
+        details = record.get("details") or {}
+        reason = details.get("error") or details.get("reason") or "the verifier failed"
+        print(f"rj: error: {' '.join(str(reason).split())}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _vnncomp_command(args: argparse.Namespace) -> int:
+    from rj_plugin.verify.runner import run_vnncomp
+
+    run_vnncomp(args.bench_dirs, output=args.output, config=args.config,
+                overrides=args.overrides, timeout_scale=args.timeout_scale, jobs=args.jobs,
+                executor=args.executor, address=args.address, limit=args.limit,
+                verifier=args.verifier, progress=False if args.no_progress else None,
+                label=args.label, compare=args.compare, cpus_per_task=args.cpus_per_task)
+    return 0
+
+
+def _score_command(args: argparse.Namespace) -> int:
+    from rj_plugin.io.results import check_output_file
+    from rj_plugin.verify.score import format_table, score_results, write_report
+
+    base = Path(args.results).parent
+    csv_out = args.csv or str(base / "score.csv")
+    json_out = args.json or str(base / "score.json")
+    for path, opt in ((csv_out, "--csv"), (json_out, "--json")):
+        problem = check_output_file(path)
+        if problem is not None:
+            raise InputError(f"{opt} {path}: cannot write it: {problem}")
+    report = score_results(args.results, args.bench_dirs, results_dir=args.results_dir,
+                           bad_witness=args.bad_witness)
+    write_report(report, csv_out, json_out)
+    print(format_table(report), end="")
+    for line in report.unmatched:
+        print(f"not scored: {line}")
+    print(f"total points: {report.total_points}")
+    print(f"wrote {csv_out} and {json_out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rj", description="Certified Jacobian bounds (RecurJac)"
                                      " on auto_LiRPA's graph.")
@@ -229,6 +281,63 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[],
                       metavar="SECTION.KEY=VALUE", help="override a key of the demo config")
     demo.set_defaults(func=_demo_command)
+    ver = sub.add_parser("verify", help="verify one VNN-COMP instance; prints answer, seconds "
+                         "and deciding stage; exit 0 unless the answer is error")
+    ver.add_argument("--model", required=True, help="the ONNX network")
+    ver.add_argument("--vnnlib", required=True, help="the VNN-LIB property")
+    ver.add_argument("--timeout", type=float, default=60.0,
+                     help="wall-clock budget in seconds, start-up included (default 60)")
+    ver.add_argument("--config", default=None,
+                     help="verifier configuration (configs/vnncomp/*.yaml; default: defaults)")
+    ver.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[],
+                     metavar="SECTION.KEY=VALUE", help="override a configuration key")
+    ver.add_argument("--results", default=None,
+                     help="write the VNN-COMP result file here (answer, witness after sat)")
+    ver.add_argument("--json", default=None, help="write the verdict's record (JSON) here")
+    ver.add_argument("--category", default=None, help="benchmark name recorded in the JSON")
+    ver.add_argument("--clock-start", type=float, default=None, help=argparse.SUPPRESS)
+    ver.add_argument("--verifier", default=None, help=argparse.SUPPRESS)
+    ver.set_defaults(func=_verify_command)
+    vnn = sub.add_parser("vnncomp", help="run every instance of VNN-COMP benchmark folders, each "
+                         "in its own process under its timeout")
+    vnn.add_argument("bench_dirs", nargs="+", metavar="BENCH_DIR",
+                     help="folders with instances.csv (onnx,vnnlib,timeout)")
+    vnn.add_argument("--output", default=None, metavar="DIR",
+                     help="results folder (default: general.results_dir of the configuration)")
+    vnn.add_argument("--config", default=None, help="one configuration for every benchmark "
+                     "(default: configs/vnncomp/<benchmark>.yaml when it exists)")
+    vnn.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[],
+                     metavar="SECTION.KEY=VALUE", help="override a configuration key")
+    vnn.add_argument("--timeout-scale", type=float, default=1.0, metavar="X",
+                     help="multiply every instance's timeout by X")
+    vnn.add_argument("--jobs", type=int, default=1, metavar="N",
+                     help="serial executor: instances run at the same time")
+    vnn.add_argument("--executor", choices=["serial", "ray"], default="serial")
+    vnn.add_argument("--address", default=None, help="Ray cluster address (default: local)")
+    vnn.add_argument("--cpus-per-task", type=float, default=1.0,
+                     help="Ray CPUs (and threads) per instance")
+    vnn.add_argument("--limit", type=int, default=None, metavar="N",
+                     help="only the first N instances of each folder")
+    vnn.add_argument("--label", default=None, help="this configuration's name in the cactus plot")
+    vnn.add_argument("--compare", nargs="+", default=[], metavar="DIR",
+                     help="earlier output folders drawn in the cactus plot too")
+    vnn.add_argument("--no-progress", action="store_true", help="no progress bar")
+    vnn.add_argument("--verifier", default=None, help=argparse.SUPPRESS)
+    vnn.set_defaults(func=_vnncomp_command)
+    sco = sub.add_parser("score", help="score a results.csv: +10 right, -150 wrong (witness and "
+                         "consensus references only; sat needs a witness that re-checks)")
+    sco.add_argument("results", metavar="RESULTS.csv", help="competition results.csv")
+    sco.add_argument("bench_dirs", nargs="+", metavar="BENCH_DIR",
+                     help="benchmark folders (instances.csv, known_results.csv)")
+    sco.add_argument("--results-dir", default=None, help="where the per-instance result files "
+                     "are (default: the folder of RESULTS.csv)")
+    sco.add_argument("--bad-witness", choices=["wrong", "unknown"], default="wrong",
+                     help="what a sat without a valid witness scores (default wrong: -150)")
+    sco.add_argument("--csv", default=None, help="per-instance scores (default: score.csv next "
+                     "to RESULTS.csv)")
+    sco.add_argument("--json", default=None, help="the report (default: score.json next to "
+                     "RESULTS.csv)")
+    sco.set_defaults(func=_score_command)
     return parser
 
 

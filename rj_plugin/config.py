@@ -748,3 +748,196 @@ def schema_rows() -> list[tuple[str, str, str, Any, str]]:
         for key, spec in keys.items():
             rows.append((f"task[{task}]", key, spec.kind, spec.default, spec.doc))
     return rows
+
+
+# -- the verifier's per-benchmark configuration (rj verify / rj vnncomp) ----------------------
+#
+# A separate schema: ``configs/vnncomp/<benchmark>.yaml`` sets how every instance of a benchmark
+# is verified; the instance itself (model, property, timeout) always comes from instances.csv or
+# the command line, so keys that would name one (model.path, specification.vnnlib, ...) are
+# rejected with a message saying so.
+
+#: auto_LiRPA methods the verifier runs on the whole box (VerifyOptions.lirpa_methods).
+LIRPA_METHODS = ("ibp", "crown", "alpha-crown")
+
+VNNCOMP_SCHEMA: dict[str, dict[str, Key]] = {
+    "general": {
+        "device": Key(_device, "cpu", "string",
+                      "torch device (cpu, cuda, cuda:1, ...); must exist on this machine"),
+        "seed": Key(_int(0), 0, "int >= 0", "seed of the random points and PGD restarts"),
+        "torch_threads": Key(_int(1), 1, "int >= 1", "torch threads of one instance's process"),
+        "results_dir": Key(_optional(_str), None, "path | null",
+                           "rj vnncomp: output folder when --output is not given"),
+        "progress": Key(_bool, True, "bool", "rj vnncomp: tqdm progress bar over the instances"),
+    },
+    "model": {},
+    "specification": {
+        "check_witness": Key(_bool, True, "bool",
+                             "re-check a sat witness with onnxruntime (tolerance 0) before "
+                             "answering sat; a failed re-check answers unknown"),
+    },
+    "attack": {
+        "enabled": Key(_bool, True, "bool", "search for a counterexample before bounding"),
+        "random_points": Key(_int(0), 10000, "int >= 0",
+                             "uniform random points (and as many random vertices) per box"),
+        "pgd_steps": Key(_int(0), 100, "int >= 0", "PGD iterations per restart"),
+        "pgd_restarts": Key(_int(0), 64, "int >= 0", "PGD restarts (the first from the centre)"),
+    },
+    "solver": {
+        "lirpa_methods": Key(_list(_choice(*LIRPA_METHODS), unique=True),
+                             ["crown", "alpha-crown"], "list of " + " | ".join(LIRPA_METHODS),
+                             "auto_LiRPA bound methods run in order on what the previous "
+                             "ones left"),
+        "alpha_iterations": Key(_int(1), 20, "int >= 1", "alpha-CROWN iterations"),
+        "jacobian": Key(_bool, True, "bool",
+                        "use RecurJac Jacobian bounds (Lipschitz / monotonicity arguments)"),
+    },
+    "bab": {
+        "enabled": Key(_bool, True, "bool", "branch and bound on input splits after the "
+                                            "whole-box bounds"),
+        "batch": Key(_int(1), 256, "int >= 1", "sub-boxes per auto_LiRPA call"),
+        "max_inputs": Key(_int(0), 32, "int >= 0",
+                          "above this many free inputs, no input splitting (unknown after "
+                          "the whole-box stages)"),
+    },
+}
+
+#: Keys that would describe one instance, with the reason given when a benchmark config sets one.
+_PER_INSTANCE_KEYS: dict[str, dict[str, str]] = {
+    "model": {k: "the model of each instance comes from instances.csv (or rj verify --model)"
+              for k in ("path", "onnx", "name", "input_shape", "file")},
+    "specification": {k: "the property of each instance comes from instances.csv (or rj verify "
+                         "--vnnlib)" for k in ("vnnlib", "path", "property", "file", "region",
+                                               "eps", "norm", "target", "matrix", "domain")},
+    "general": {"timeout": "the timeout of each instance comes from instances.csv (or rj verify "
+                           "--timeout); scale it with rj vnncomp --timeout-scale"},
+}
+
+#: How the schema's keys map onto the fields of ``rj_plugin.verify.pipeline.VerifyOptions``.
+VERIFY_OPTION_KEYS: dict[str, tuple[str, str]] = {
+    "falsify": ("attack", "enabled"),
+    "random_points": ("attack", "random_points"),
+    "pgd_steps": ("attack", "pgd_steps"),
+    "pgd_restarts": ("attack", "pgd_restarts"),
+    "lirpa_methods": ("solver", "lirpa_methods"),
+    "alpha_iterations": ("solver", "alpha_iterations"),
+    "jacobian": ("solver", "jacobian"),
+    "bab": ("bab", "enabled"),
+    "bab_batch": ("bab", "batch"),
+    "bab_max_inputs": ("bab", "max_inputs"),
+    "seed": ("general", "seed"),
+    "device": ("general", "device"),
+    "torch_threads": ("general", "torch_threads"),
+}
+
+
+@dataclass
+class VerifyConfig:
+    """A validated per-benchmark verifier configuration with every default filled in.
+
+    Attributes:
+        sections: ``{section: {key: value}}`` for every section of :data:`VNNCOMP_SCHEMA`.
+        source: the configuration file (or ``"<defaults>"`` / ``"<dict>"``).
+        overrides: the ``--set`` strings applied, in order.
+    """
+
+    sections: dict[str, dict[str, Any]]
+    source: str = "<defaults>"
+    overrides: list[str] = field(default_factory=list)
+
+    def __getitem__(self, section: str) -> dict[str, Any]:
+        return self.sections[section]
+
+    def verify_options(self) -> dict[str, Any]:
+        """The keyword arguments of ``VerifyOptions`` (lists become tuples)."""
+        out: dict[str, Any] = {}
+        for name, (section, key) in VERIFY_OPTION_KEYS.items():
+            value = self.sections[section][key]
+            out[name] = tuple(value) if isinstance(value, list) else value
+        return out
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """A deep copy of the sections (JSON/YAML friendly)."""
+        return copy.deepcopy(self.sections)
+
+
+def validate_vnncomp_config(raw: Any, source: str = "<dict>",
+                            overrides: list[str] | None = None) -> VerifyConfig:
+    """Check a per-benchmark verifier configuration mapping and fill in defaults.
+
+    Unknown sections and keys, keys that would describe one instance (``model.path``,
+    ``specification.vnnlib``, ``general.timeout``, ...), wrong types and impossible values are a
+    :class:`ConfigError` naming the file and the key."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {_describe(raw)}")
+    for name in raw:
+        if name not in VNNCOMP_SCHEMA:
+            raise ConfigError(f"{source}: {name}: unknown section; a verifier configuration has "
+                              f"{', '.join(VNNCOMP_SCHEMA)}")
+    sections: dict[str, dict[str, Any]] = {}
+    for name, schema in VNNCOMP_SCHEMA.items():
+        given = raw.get(name) or {}
+        if isinstance(given, dict):
+            for key in given:
+                why = _PER_INSTANCE_KEYS.get(name, {}).get(key)
+                if why is not None and key not in schema:
+                    raise ConfigError(f"{source}: {name}.{key}: a per-instance key, not allowed "
+                                      f"in a benchmark configuration: {why}")
+            if not schema and given:
+                key = next(iter(given))
+                raise ConfigError(f"{source}: {name}.{key}: unknown key; section {name} has no "
+                                  "settable keys in a verifier configuration")
+        sections[name] = _section(raw, name, schema, source)
+    return VerifyConfig(sections, source, list(overrides or []))
+
+
+def load_vnncomp_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                        raw: dict | None = None) -> VerifyConfig:
+    """Read and validate a per-benchmark verifier configuration (``configs/vnncomp/*.yaml``).
+
+    Args:
+        path: the YAML file; None (and no ``raw``) gives the defaults.
+        overrides: ``section.key=value`` strings applied on top (values read as YAML).
+        raw: a mapping used instead of a file.
+    """
+    overrides = list(overrides or [])
+    source = str(path) if path is not None else ("<dict>" if raw is not None else "<defaults>")
+    if raw is None and path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{path}: configuration file not found" if not p.exists()
+                              else f"{path}: not a file (expected a YAML configuration)")
+        try:
+            raw = _load_yaml(p.read_text(encoding="utf-8"))
+        except _DuplicateKey as exc:
+            raise ConfigError(f"{path}: {exc}; each section and each key may appear only "
+                              "once") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not a text file: {exc}") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {_describe(raw)}")
+    raw = copy.deepcopy(raw or {})
+    for text in overrides:
+        section, key, value = parse_override(text)
+        if section not in VNNCOMP_SCHEMA:
+            raise ConfigError(f"--set {text!r}: unknown section {section!r}; expected "
+                              f"{', '.join(VNNCOMP_SCHEMA)}")
+        current = raw.setdefault(section, {})
+        if current is None:
+            current = raw[section] = {}
+        if not isinstance(current, dict):
+            raise ConfigError(f"--set {text!r}: section {section} is not a mapping in the file")
+        current[key] = value
+    if overrides:
+        source = f"{source} (with --set {' '.join(overrides)})"
+    return validate_vnncomp_config(raw, source, overrides)
+
+
+def vnncomp_schema_rows() -> list[tuple[str, str, str, Any, str]]:
+    """``(section, key, kind, default, doc)`` for every key of :data:`VNNCOMP_SCHEMA`."""
+    return [(section, key, spec.kind, spec.default, spec.doc)
+            for section, keys in VNNCOMP_SCHEMA.items() for key, spec in keys.items()]
