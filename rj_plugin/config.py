@@ -682,13 +682,16 @@ def _check_combinations(cfg: RunConfig, base_dirs: list[Path]) -> None:
         raise err("task.log_end", f"must be >= task.log_start ({task['log_start']})")
 
 
-def _apply_overrides(raw: dict, overrides: list[str]) -> dict:
+def _apply_overrides(raw: dict, overrides: list[str], schema: dict | None = None) -> dict:
+    """A copy of ``raw`` with the ``--set section.key=value`` overrides applied (sections must be
+    those of ``schema``, the ``rj run`` schema by default)."""
+    schema = SCHEMA if schema is None else schema
     raw = copy.deepcopy(raw)
     for text in overrides:
         section, key, value = parse_override(text)
-        if section not in SCHEMA:
+        if section not in schema:
             raise ConfigError(f"--set {text!r}: unknown section {section!r}; expected "
-                              f"{', '.join(SCHEMA)}")
+                              f"{', '.join(schema)}")
         current = raw.setdefault(section, {})
         if current is None:
             current = raw[section] = {}
@@ -696,6 +699,23 @@ def _apply_overrides(raw: dict, overrides: list[str]) -> dict:
             raise ConfigError(f"--set {text!r}: section {section} is not a mapping in the file")
         current[key] = value
     return raw
+
+
+def _read_yaml_file(path: str | Path) -> Any:
+    """The YAML document of a configuration file, with errors that name the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{path}: configuration file not found" if not p.exists()
+                          else f"{path}: not a file (expected a YAML configuration)")
+    try:
+        return _load_yaml(p.read_text(encoding="utf-8"))
+    except _DuplicateKey as exc:
+        raise ConfigError(f"{path}: {exc}; each section and each key may appear only "
+                          "once") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a text file: {exc}") from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
@@ -714,18 +734,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if raw is None:
         if path is None:
             raise ConfigError("no configuration file given")
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{path}: configuration file not found")
-        try:
-            raw = _load_yaml(p.read_text(encoding="utf-8"))
-        except _DuplicateKey as exc:
-            raise ConfigError(f"{path}: {exc}; each section and each key may appear only "
-                              "once") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
-        except UnicodeDecodeError as exc:
-            raise ConfigError(f"{path}: not a text file: {exc}") from None
+        raw = _read_yaml_file(path)
     if path is not None:
         folder = Path(path).resolve().parent
         base_dirs += [folder, folder.parent]
@@ -905,33 +914,10 @@ def load_vnncomp_config(path: str | Path | None = None, overrides: list[str] | N
     overrides = list(overrides or [])
     source = str(path) if path is not None else ("<dict>" if raw is not None else "<defaults>")
     if raw is None and path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{path}: configuration file not found" if not p.exists()
-                              else f"{path}: not a file (expected a YAML configuration)")
-        try:
-            raw = _load_yaml(p.read_text(encoding="utf-8"))
-        except _DuplicateKey as exc:
-            raise ConfigError(f"{path}: {exc}; each section and each key may appear only "
-                              "once") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
-        except UnicodeDecodeError as exc:
-            raise ConfigError(f"{path}: not a text file: {exc}") from None
+        raw = _read_yaml_file(path)
     if raw is not None and not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of sections, got {_describe(raw)}")
-    raw = copy.deepcopy(raw or {})
-    for text in overrides:
-        section, key, value = parse_override(text)
-        if section not in VNNCOMP_SCHEMA:
-            raise ConfigError(f"--set {text!r}: unknown section {section!r}; expected "
-                              f"{', '.join(VNNCOMP_SCHEMA)}")
-        current = raw.setdefault(section, {})
-        if current is None:
-            current = raw[section] = {}
-        if not isinstance(current, dict):
-            raise ConfigError(f"--set {text!r}: section {section} is not a mapping in the file")
-        current[key] = value
+    raw = _apply_overrides(raw or {}, overrides, VNNCOMP_SCHEMA)
     if overrides:
         source = f"{source} (with --set {' '.join(overrides)})"
     return validate_vnncomp_config(raw, source, overrides)
