@@ -167,7 +167,7 @@ def _checked_interval(lower: Tensor, upper: Tensor, act: Any, preact: str, batch
     return lower, upper
 
 
-def _largest_batch(model: nn.Module, example: Tensor) -> int:
+def largest_batch(model: nn.Module, example: Tensor) -> int:
     """1 if the traced graph only runs on a batch of one (some ONNX graphs fix the batch size in
     a Reshape), else unlimited."""
     try:
@@ -215,7 +215,7 @@ class JacobianBounder:
         example = example.to(device=device, dtype=dtype)
         self.input_shape = tuple(example.shape[1:])
         self.graph = LirpaGraph(self.model, example, bound_opts, device)
-        self.max_batch = _largest_batch(self.graph.module, example)
+        self.max_batch = largest_batch(self.graph.module, example)
         self.jacobian_graph: JacobianGraph = build_graph(self.graph.nodes, self.graph.input_name,
                                                          self.graph.output_name)
         self.edges = self.jacobian_graph.edges(dtype, device)

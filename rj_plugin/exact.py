@@ -45,6 +45,7 @@ from torch import Tensor, nn
 
 from rj_plugin.api import JacobianBounder
 from rj_plugin.errors import InputError, UnsupportedLayerError
+from rj_plugin.lirpa import make_perturbation
 from rj_plugin.region import Region
 
 __all__ = ["ExactLipschitz", "exact_lipschitz"]
@@ -199,8 +200,9 @@ def exact_lipschitz(model: nn.Module | str | JacobianBounder, x0=None, eps=None,
         raise InputError("method 'exact' needs a linear region: an l_inf or l_1 ball or a box "
                          "(an l_2 ball is not a set of linear constraints)")
     jb = bounder.bound(region, preact="crown", method="recurjac", C=C)
-    ptb_pre = bounder.graph.preactivation_bounds(
-        region.center, _perturbation(region), bounder.preact_nodes, "crown")
+    preact = bounder.graph.preactivation_bounds(
+        region.center, make_perturbation(region.norm, region.eps, region.lower, region.upper),
+        bounder.preact_nodes, "crown")
     net, back = jb._net, jb._backward
     m, rows = net.depth, net.n_out
     uppers = torch.zeros(region.batch, rows, dtype=torch.float64)
@@ -209,7 +211,7 @@ def exact_lipschitz(model: nn.Module | str | JacobianBounder, x0=None, eps=None,
     binaries: list[int] = []
     for b in range(region.batch):
         sub = region.select(slice(b, b + 1))
-        pre = [tuple(t[b].reshape(-1).cpu().double().numpy() for t in ptb_pre[name])
+        pre = [tuple(t[b].reshape(-1).cpu().double().numpy() for t in preact[name])
                for name in bounder.preact_nodes]
         h_center, z_center = _forward_values(bounder, sub.center[0])
         edges = {e: (a[b] if a.dim() == 3 else a).cpu().double().numpy()
@@ -229,12 +231,6 @@ def exact_lipschitz(model: nn.Module | str | JacobianBounder, x0=None, eps=None,
         statuses.append(row_status)
     return ExactLipschitz(uppers, lowers, statuses, region.norm, time.perf_counter() - start,
                           binaries)
-
-
-def _perturbation(region: Region):
-    from rj_plugin.lirpa import make_perturbation
-
-    return make_perturbation(region.norm, region.eps, region.lower, region.upper)
 
 
 def _solve_row(region: Region, edges: dict, pre: list,

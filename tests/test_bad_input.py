@@ -28,18 +28,7 @@ from rj_plugin.config import load_config
 from rj_plugin.errors import ConfigError, InputError
 from rj_plugin.io.results import atomic_write_json, atomic_write_text
 from rj_plugin.tasks import runner
-from tests.test_cli import _run
-
-
-def _assert_one_error(code: int, err: str, *needles: str) -> str:
-    """A non-zero exit and exactly one ``rj: error:`` line containing every needle."""
-    assert code != 0
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"
-    assert lines[0].startswith("rj: error: "), lines[0]
-    for needle in needles:
-        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
-    return lines[0]
+from tests.test_cli import _assert_one_error, _run
 
 
 def _no_load(*args: object, **kwargs: object) -> None:

@@ -78,13 +78,19 @@ def _run(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]
     return code, captured.out, captured.err
 
 
-def _assert_error(code: int, err: str, out_file: Path, *needles: str) -> None:
+def _assert_one_error(code: int, err: str, *needles: str) -> str:
+    """A non-zero exit and exactly one ``rj: error:`` line containing every needle."""
     assert code != 0
     lines = err.strip().splitlines()
     assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"
     assert lines[0].startswith("rj: error: "), lines[0]
     for needle in needles:
         assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+def _assert_error(code: int, err: str, out_file: Path, *needles: str) -> None:
+    _assert_one_error(code, err, *needles)
     assert not out_file.exists()
 
 

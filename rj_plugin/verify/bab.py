@@ -9,9 +9,8 @@ prove.  One step pops up to ``batch`` of them and
 2. bounds the rest with the Jacobian stage (one RecurJac call): the mean-value bound may prove
    more boxes, and inputs in which every row is certified monotone are fixed to the minimising
    face (:func:`rj_plugin.verify.prove.collapse`);
-3. attacks the rest: the centre and, per box, the vertex that the certified derivative signs of
-   its most promising row point to, plus a short PGD; a point whose violation is small enough is
-   re-checked on onnxruntime (:func:`rj_plugin.verify.witness.recheck`);
+3. attacks the rest: the centres and a short PGD from each box; a point whose violation is small
+   enough is re-checked on onnxruntime (:func:`rj_plugin.verify.witness.recheck`);
 4. splits the rest in two along the input with the largest ``max(|L_rj|, |U_rj|) w_j`` (row r
    the most promising, ``w`` the box's widths; without stage 3 the widest input relative to the
    initial box); a box that was just collapsed goes back unsplit, to be bounded on its face.

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from rj_plugin.api import JacobianBounder
+from rj_plugin.api import JacobianBounder, largest_batch
 from rj_plugin.errors import UnsupportedLayerError
 from rj_plugin.lirpa import LirpaGraph, make_perturbation
 from rj_plugin.verify.network import Network
@@ -98,7 +98,7 @@ class SpecBounder:
                 self.jacobian_skipped = f"JacobianBounder refused the graph: {exc}"
         self.graph = self.jb.graph if self.jb is not None else LirpaGraph(
             net.model, example, None, self.device)
-        self.max_batch = self.jb.max_batch if self.jb is not None else _largest_batch(
+        self.max_batch = self.jb.max_batch if self.jb is not None else largest_batch(
             self.graph.module, example)
 
     def _shape(self, flat: Tensor) -> Tensor:
@@ -159,12 +159,3 @@ def collapse(lower: Tensor, upper: Tensor, jac_lo: Tensor, jac_hi: Tensor
     new_lower = torch.where(dec, upper, lower)
     return new_lower, new_upper, ((inc | dec) & free).sum(-1)
 
-
-def _largest_batch(module: torch.nn.Module, example: Tensor) -> int:
-    """1 when the traced graph only runs on a batch of one, else unlimited."""
-    try:
-        with torch.no_grad():
-            module(example.expand(2, *example.shape[1:]))
-    except RuntimeError:
-        return 1
-    return 1 << 31
