@@ -255,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     jac.add_argument("--spec", help="a matrix C (.npy) to bound the Jacobian of C f(x)")
     jac.add_argument("--preact", default="crown",
                      choices=["ibp", "crown", "crown-ibp", "alpha-crown"])
-    jac.add_argument("--method", default="recurjac", choices=["recurjac", "fastlip", "interval"])
+    jac.add_argument("--method", default="recurjac",
+                     choices=["recurjac", "linear", "fastlip", "interval"])
     jac.add_argument("--input-shape", default=None, metavar="D1,D2,...",
                      help="shape of one input, e.g. 1,28,28 or 5 (for .pt models that do not "
                      "record it)")

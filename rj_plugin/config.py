@@ -18,7 +18,8 @@ step):
 * ``specification``: the input region (``region`` = ball | box, ``norm``, ``eps``, ``domain``)
   and the output specification (``output`` = all | margins | matrix, ``target``, ``matrix``).
 * ``bounds``: auto_LiRPA's pre-activation bound method and alpha-CROWN settings.
-* ``jacobian``: the Jacobian bound algorithm (recurjac | fastlip | interval) and its options.
+* ``jacobian``: the Jacobian bound algorithm (recurjac | linear | fastlip | interval) and its
+  options.
 * ``task``: ``name`` and the per-task options of :data:`TASK_OPTIONS`.
 
 Relative paths (``model.path``, ``data.path``, ``specification.matrix``) are looked up in the
@@ -245,7 +246,7 @@ def _domain(v: Any) -> list[float]:
 # -- the schema -------------------------------------------------------------------------------
 
 PREACT = ("ibp", "crown", "crown-ibp", "alpha-crown")
-JACOBIAN_METHODS = ("recurjac", "fastlip", "interval")
+JACOBIAN_METHODS = ("recurjac", "linear", "fastlip", "interval")
 TASKS = ("jacobian", "lipschitz", "global-lipschitz", "robustness", "stationary",
          "monotonicity")
 #: Robustness certificates: the Lipschitz integral over the ``jacobian`` section's bounds, or
@@ -355,6 +356,11 @@ TASK_OPTIONS: dict[str, dict[str, Key]] = {
         "plot_rows": Key(_optional(_list(_int(0), unique=True)), None, "list of int | null",
                          "rows drawn (null: the label's row, or row 0)"),
         "plot_inputs": Key(_int(0), 2, "int >= 0", "curve plots for the first n inputs"),
+        "refine_seconds": Key(_optional(_float(positive=True)), None, "number | null",
+                              "refine the region's bound by branch and bound (local_lipschitz) "
+                              "for this many seconds per input: reports upper, lower, gap"),
+        "refine_gap": Key(_float(0.0), 1e-3, "number >= 0",
+                          "relative gap at which the refinement stops"),
     },
     "global-lipschitz": {
         "methods": Key(_optional(_list(_choice(*JACOBIAN_METHODS), unique=True)), None,

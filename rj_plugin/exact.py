@@ -26,11 +26,11 @@ LipMIP, Jordan & Dimakis 2020).  It is a mixed-integer linear program:
   q = inf (l_1 region) max over k and sign of +-J_k, one small program each, pruned by RecurJac's
   bounds.  An l_2 region is not linear and is refused.
 
-Every big-M constant comes from a sound bound (CROWN for z, RecurJac for g and J), so the program
-is exact; scipy's HiGHS (``scipy.optimize.milp``) solves it.  Its reported dual bound is the
-certified upper value (up to HiGHS's feasibility tolerances), the incumbent's objective the
-lower one; the gap is reported.  Biases are recovered from one forward pass at the region's
-center: b_t = z_t(x_c) - sum_s A_{t<-s} h_s(x_c).
+Every big-M constant comes from a sound bound (CROWN for z, the ``linear`` method for g and J),
+so the program is exact; scipy's HiGHS (``scipy.optimize.milp``) solves it.  Its reported dual
+bound is the certified upper value (up to HiGHS's feasibility tolerances), the incumbent's
+objective the lower one; the gap is reported.  Biases are recovered from one forward pass at
+the region's center: b_t = z_t(x_c) - sum_s A_{t<-s} h_s(x_c).
 """
 
 from __future__ import annotations
@@ -199,7 +199,7 @@ def exact_lipschitz(model: nn.Module | str | JacobianBounder, x0=None, eps=None,
     if region.norm == 2.0:
         raise InputError("method 'exact' needs a linear region: an l_inf or l_1 ball or a box "
                          "(an l_2 ball is not a set of linear constraints)")
-    jb = bounder.bound(region, preact="crown", method="recurjac", C=C)
+    jb = bounder.bound(region, preact="crown", method="linear", C=C)  # tightest big-M
     preact = bounder.graph.preactivation_bounds(
         region.center, make_perturbation(region.norm, region.eps, region.lower, region.upper),
         bounder.preact_nodes, "crown")

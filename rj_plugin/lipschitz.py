@@ -57,6 +57,27 @@ def fixed_signs(lower: Tensor, upper: Tensor) -> Tensor:
     return (lower > 0).to(lower.dtype) - (upper < 0).to(lower.dtype)
 
 
+def abs_chord(lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor]:
+    """Slopes s and summed intercepts of the chords of |J_k| over [L_k, U_k]:
+    ``sum_k |J_k| <= J . s + offset`` for every J in the box.
+
+    s_k = (U + L) / (U - L), c_k = -2 U L / (U - L) where L < 0 < U; s_k = sign(J_k), c_k = 0
+    where the sign is certified (including L = U = 0).  Shapes ``[B, c, n]`` -> ``[B, c, n]``,
+    ``[B, c]``.
+    """
+    free = (lower < 0) & (upper > 0)
+    width = torch.where(free, upper - lower, torch.ones_like(lower))
+    slope = torch.where(free, (upper + lower) / width, fixed_signs(lower, upper))
+    offset = torch.where(free, -2 * upper * lower / width, torch.zeros_like(lower))
+    return slope, offset.sum(-1)
+
+
+def square_chord(lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor]:
+    """``sum_k J_k^2 <= J . (L + U) - sum_k L_k U_k`` for every J in the box [L, U] (since
+    (J_k - L_k)(J_k - U_k) <= 0): the weights ``[B, c, n]`` and the offset ``[B, c]``."""
+    return lower + upper, -(lower * upper).sum(-1)
+
+
 def row_lipschitz(lower: Tensor, upper: Tensor, p: float,
                   merged_upper: Tensor | None = None) -> Tensor:
     """Bound on the dual norm of every Jacobian row over an l_p region.

@@ -209,7 +209,7 @@ def _fastlip_step(net: JacobianDAG, bounds: BackwardBounds, s: int) -> tuple[Ten
 # RecurJac
 
 
-def _sweep_coefficients(net: JacobianDAG, bounds: BackwardBounds, t: int
+def _sweep_coefficients(net: JacobianDAG, bounds: BackwardBounds, t: int, linear: bool = False
                         ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per-(row, neuron) coefficients of the step at activation node t, ``[B, c, 1, n_t]``.
 
@@ -220,9 +220,19 @@ def _sweep_coefficients(net: JacobianDAG, bounds: BackwardBounds, t: int
         v_jr    = (w_r > 0 ? fold_pos : fold_neg)[j, r] * w_r
 
     *Folded* neurons (U <= 0, or L >= 0, or g_lo == g_hi) get the maximising derivative
-    (g_hi when D w >= 0, else g_lo) in ``fold_*`` and 0 in ``worst_*``; the others get 0 in
-    ``fold_*`` and the max (w > 0) or min (w < 0) over the corners of [L, U] x [g_lo, g_hi] of
-    D sigma' in ``worst_*``.
+    (g_hi when D w >= 0, else g_lo) in ``fold_*`` and 0 in ``worst_*``.  For the others:
+
+    * ``linear=False`` (RecurJac): 0 in ``fold_*`` and the max (w > 0) or min (w < 0) over the
+      corners of [L, U] x [g_lo, g_hi] of D sigma' in ``worst_*`` (a constant);
+    * ``linear=True`` (the chord relaxation): with a = g_lo <= b = g_hi and L < 0 < U,
+      max_{sigma' in [a, b]} sigma' D = max(a D, b D) =: phi(D) is convex in D, so on [L, U] it
+      lies below its chord  phi(D) <= k_+ D + (a - k_+) L,  k_+ = (b U - a L) / (U - L);
+      min(a D, b D) =: psi(D) is concave and lies above its chord
+      psi(D) >= k_- D + (b - k_-) L,  k_- = (a U - b L) / (U - L).  So for w > 0 the term
+      D sigma' w is at most w (k_+ D + (a - k_+) L), and for w < 0 at most w (k_- D + (b - k_-) L):
+      the slope k goes into ``fold_*`` (D stays a linear function, bounded downstream together
+      with the other neurons) and the intercept into ``worst_*``.  On the folded neurons phi and
+      psi are linear and the chord is the fold above, so the two rules agree there.
     """
     d_lo = bounds.lower[t][:, :, None, :]  # [B, c, 1, n_t]
     d_hi = bounds.upper[t][:, :, None, :]
@@ -233,6 +243,15 @@ def _sweep_coefficients(net: JacobianDAG, bounds: BackwardBounds, t: int
     zero = torch.zeros((), dtype=d_lo.dtype, device=d_lo.device)
     fold_pos = torch.where(folded, torch.where(nonpos, g_lo, g_hi), zero)
     fold_neg = torch.where(folded, torch.where(nonpos, g_hi, g_lo), zero)
+    if linear:
+        width = torch.where(folded, torch.ones((), dtype=d_lo.dtype, device=d_lo.device),
+                            d_hi - d_lo)
+        slope_pos = (g_hi * d_hi - g_lo * d_lo) / width
+        slope_neg = (g_lo * d_hi - g_hi * d_lo) / width
+        return (torch.where(folded, fold_pos, slope_pos),
+                torch.where(folded, fold_neg, slope_neg),
+                torch.where(folded, zero, (g_lo - slope_pos) * d_lo),
+                torch.where(folded, zero, (g_hi - slope_neg) * d_lo))
     prod_lo, prod_hi = _interval_mul(d_lo, d_hi, g_lo, g_hi)
     return fold_pos, fold_neg, torch.where(folded, zero, prod_hi), torch.where(folded, zero,
                                                                                prod_lo)
@@ -244,12 +263,14 @@ def _rowdot(x: Tensor, coef: Tensor) -> Tensor:
     return (x @ coef.transpose(-1, -2)).squeeze(-1)
 
 
-def upper_sweep(net: JacobianDAG, bounds: BackwardBounds, pending: dict[int, Tensor]) -> Tensor:
+def upper_sweep(net: JacobianDAG, bounds: BackwardBounds, pending: dict[int, Tensor],
+                linear: bool = False) -> Tensor:
     """Upper bound of  sum_t Q_j(w_t, t)  for vectors ``pending[t]`` ``[B, c, K, n_t]``.
 
     Row j of dimension 1 is the output row each bound is for; K independent problems per row.
     ``bounds`` must hold D_t for every node t the sweep reaches.  Returns ``[B, c, K]``.
-    ``pending`` is consumed.
+    ``pending`` is consumed.  ``linear`` picks the chord relaxation of the neurons whose
+    partial derivative has no certified sign (see :func:`_sweep_coefficients`).
     """
     m = net.depth
     acc = None
@@ -258,7 +279,7 @@ def upper_sweep(net: JacobianDAG, bounds: BackwardBounds, pending: dict[int, Ten
         w = pending.pop(t, None)
         if w is None:
             continue
-        fold_pos, fold_neg, worst_pos, worst_neg = _sweep_coefficients(net, bounds, t)
+        fold_pos, fold_neg, worst_pos, worst_neg = _sweep_coefficients(net, bounds, t, linear)
         # With w+ = max(w, 0):  (w > 0 ? a : b) * w  =  b * w + (a - b) * w+,
         # so the worst-case sum and the folded vector cost a few passes over w.
         w_pos = w.clamp(min=0)
@@ -291,8 +312,15 @@ def _start_vectors(net: JacobianDAG, s: int, cols: slice) -> dict[int, Tensor]:
 
 
 def recurjac_backward(net: JacobianDAG, *, intersect: bool = True,
-                      max_elements: int = DEFAULT_MAX_ELEMENTS) -> BackwardBounds:
+                      max_elements: int = DEFAULT_MAX_ELEMENTS, linear: bool = False
+                      ) -> BackwardBounds:
     """RecurJac bounds of every backward partial D_{m-1}, ..., D_0 (spec section 3).
+
+    With ``linear=True`` every node's bounds are the intersection of two sweeps, RecurJac's and
+    the chord relaxation's (``method="linear"``): both are sound, the chord keeps the unsigned
+    partial derivatives as linear functions, and the intersection at every node tightens what
+    the deeper nodes classify and relax with.  It never ends looser than RecurJac and costs about
+    twice as much.
 
     Returns bounds with ``lower[0], upper[0]`` of shape ``[B, c, n_0]`` bounding J.
     """
@@ -313,6 +341,9 @@ def recurjac_backward(net: JacobianDAG, *, intersect: bool = True,
             for cols in _chunks(n_cols, max(1, max_elements // per_col)):
                 k = cols.stop - cols.start
                 out = upper_sweep(net, bounds, _start_vectors(net, s, cols))
+                if linear:
+                    out = torch.minimum(out, upper_sweep(net, bounds, _start_vectors(net, s, cols),
+                                                         linear=True))
                 hi[:, :, cols] += out[..., :k]
                 lo[:, :, cols] -= out[..., k:]
             if intersect:
@@ -371,8 +402,11 @@ def merged_row_upper(net: JacobianDAG, bounds: BackwardBounds, signs: Tensor,
     network whose input layer is the single column s_j.  RecurJac bounds it with one sweep,
     Fast-Lip with one interval step.
 
+    ``method="linear"`` takes the smaller of the RecurJac and the chord sweeps.  Any real
+    weights work in place of signs (the joint norm bounds use chord slopes).
+
     Args:
-        signs: ``[B, c, n_0]`` with entries in {-1, 0, +1}.
+        signs: ``[B, c, n_0]``, usually with entries in {-1, 0, +1}.
 
     Returns:
         ``[B, c]`` upper bounds.
@@ -383,9 +417,12 @@ def merged_row_upper(net: JacobianDAG, bounds: BackwardBounds, signs: Tensor,
     starts = {t: signs @ net.edges[(0, t)].T for t in net.successors[0] if t < m}  # [B, c, n_t]
     if not starts:
         return total
-    if method == "recurjac":
-        return total + upper_sweep(net, bounds, {t: w[:, :, None, :] for t, w in starts.items()}
-                                   )[..., 0]
+    if method in ("recurjac", "linear"):
+        swept = upper_sweep(net, bounds, {t: w[:, :, None, :] for t, w in starts.items()})
+        if method == "linear":
+            swept = torch.minimum(swept, upper_sweep(
+                net, bounds, {t: w[:, :, None, :] for t, w in starts.items()}, linear=True))
+        return total + swept[..., 0]
     for t, w in starts.items():
         g_lo, g_hi = net.g_lo[t - 1][:, None, :], net.g_hi[t - 1][:, None, :]
         t_lo, t_hi = _interval_mul(bounds.lower[t], bounds.upper[t], g_lo, g_hi)

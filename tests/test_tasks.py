@@ -200,6 +200,30 @@ def test_lipschitz_curve_and_references(tmp_path, files):
     assert not (folder / "lipschitz_curve_1.png").exists()
 
 
+def test_lipschitz_refinement_brackets_sampled_norms(tmp_path, files):
+    """``refine_seconds`` with ``jacobian.method: linear``: lower <= every sampled-or-attained
+    norm bound <= upper <= the one-pass bound, and the refined rows are in the CSV."""
+    raw = _npz_cfg(files, "relu", {"name": "lipschitz", "curve": False, "margins": False,
+                                   "global_reference": False, "refine_seconds": 1.0}, eps=0.1)
+    raw["data"]["end"] = 1
+    raw["jacobian"] = {"method": "linear"}
+    code, doc, folder, text = _run(tmp_path, raw)
+    assert code == 0 and "refined max L" in text
+    net = _model(files["relu"])
+    x = np.load(files["points"])["x"]
+    for rec in doc["records"]:
+        res, ref = rec["result"], rec["result"]["refined"]
+        center = T(x[rec["input"]["index"]])
+        norms = oracle.jacobians(net, _points(net, center, 0.1, math.inf, 500)).abs().sum(-1)
+        assert (norms <= T(ref["upper"]) + TOL).all()
+        assert (T(ref["upper"]) <= T(res["lipschitz"]) + TOL).all()
+        assert (T(ref["lower"]) <= T(ref["upper"])).all()
+        assert (T(ref["lower"]) >= T(res["gradient_norm_at_x0"]) - TOL).all()
+        assert set(res["active_bound"]) <= {"elementwise", "merged", "joint"}
+    kinds = {row[-1] for row in csv.reader((folder / "results.csv").open())}
+    assert {"refined_upper", "refined_lower"} <= kinds
+
+
 def test_global_lipschitz_is_sound_for_every_method(tmp_path, files):
     raw = {"model": {"path": str(files["relu"])}, "data": {"source": "random", "num_points": 2},
            "specification": {"norm": 2, "output": "margins"},

@@ -10,7 +10,10 @@ For each input x0 and row j of the output specification, with q the dual norm of
   (the curve always uses balls around the input's point, for box regions the box midpoint);
 * references: the bound over the whole input space (unbounded region) and the naive product of
   operator norms ``||W_m[j,:]||_q prod ||W_l||_{p->p} max|sigma'|``;
-* the true ``||grad (C f)_j(x0)||_q`` (autograd), a lower reference.
+* the true ``||grad (C f)_j(x0)||_q`` (autograd), a lower reference;
+* which of the bounds of :meth:`JacobianBounds.lipschitz_candidates` was active per row;
+* with ``task.refine_seconds``: :func:`rj_plugin.local_lipschitz` (branch and bound over input
+  sub-boxes) on the region, reporting a certified ``upper``, an attained ``lower`` and the gap.
 
 Plot (paper's Figure 3 style): log-log curve per plotted row with the two reference lines.
 """
@@ -26,6 +29,7 @@ from torch import Tensor
 
 from rj_plugin import plots
 from rj_plugin.lipschitz import dual_norm
+from rj_plugin.refine import local_lipschitz
 from rj_plugin.tasks.base import Column, Record, Task, fmt, ok_records, short_id
 from rj_plugin.tasks.context import RunContext, Spec
 from rj_plugin.tasks.inputs import InputItem
@@ -98,10 +102,14 @@ class LipschitzTask(Task):
         C = None if spec.kind == "all" else spec.C
         region = ctx.region(item.x, item.box)
         jb = ctx.bound(region, C)
+        candidates = jb.lipschitz_candidates()
+        names = list(candidates)
+        active = torch.stack([candidates[n] for n in names]).argmin(0)[0]
         result: dict[str, Any] = {
             "rows": spec.names,
             "region": region_summary(region),
             "lipschitz": jb.lipschitz()[0].tolist(),
+            "active_bound": [names[int(k)] for k in active],
             "gradient_norm_at_x0": gradient_norms(ctx, item.x, spec.C).tolist(),
             "timings": dict(jb.timings),
         }
@@ -112,6 +120,18 @@ class LipschitzTask(Task):
             else:
                 lm = ctx.bound(region, mspec.C).lipschitz()[0]
             result["margins"] = {"rows": mspec.names, "lipschitz": lm.tolist()}
+        if opts["refine_seconds"] is not None:
+            method = ctx.cfg["jacobian"]["method"]
+            where = ({"lower": region.lower, "upper": region.upper} if region.is_box else
+                     {"x0": region.center, "eps": region.eps, "norm": region.norm})
+            ref = local_lipschitz(ctx.bounder, **where, C=C,
+                                  method="linear" if method == "interval" else method,
+                                  preact=ctx.cfg["bounds"]["method"],
+                                  time_limit=opts["refine_seconds"], rel_gap=opts["refine_gap"],
+                                  seed=ctx.cfg["general"]["seed"])
+            result["refined"] = {"upper": ref.upper[0].tolist(), "lower": ref.lower[0].tolist(),
+                                 "gap": ref.gap[0].tolist(), "status": ref.status[0],
+                                 "boxes": ref.boxes[0], "seconds": ref.seconds[0]}
         if opts["curve"]:
             radii = curve_radii(opts)
             values = curve(ctx, item.x, C, radii)
@@ -145,6 +165,11 @@ class LipschitzTask(Task):
             Column("max L(eps)", lambda r: fmt(max(r["result"]["lipschitz"]))),
             Column("max |grad| x0", lambda r: fmt(max(r["result"]["gradient_norm_at_x0"]))),
         ]
+        if self.opts["refine_seconds"] is not None:
+            cols.append(Column("refined max L",
+                               lambda r: fmt(max(r["result"]["refined"]["upper"]))))
+            cols.append(Column("found max |grad|",
+                               lambda r: fmt(max(r["result"]["refined"]["lower"]))))
         if self.opts["margins"]:
             cols.append(Column("max L margins", lambda r: fmt(
                 max(r["result"]["margins"]["lipschitz"])) if "margins" in r["result"] else "-"))
@@ -166,6 +191,10 @@ class LipschitzTask(Task):
             eps = res["region"].get("eps")
             for j, name in enumerate(res["rows"]):
                 rows.append([*base, name, eps, res["lipschitz"][j], "region"])
+            if "refined" in res:
+                for j, name in enumerate(res["rows"]):
+                    rows.append([*base, name, eps, res["refined"]["upper"][j], "refined_upper"])
+                    rows.append([*base, name, eps, res["refined"]["lower"][j], "refined_lower"])
             for j, name in enumerate(res.get("margins", {}).get("rows", [])):
                 rows.append([*base, name, eps, res["margins"]["lipschitz"][j], "region"])
             if "curve" in res:

@@ -1,0 +1,285 @@
+r"""Refinement of local Lipschitz constants by branch and bound over input sub-boxes.
+
+For one input region X (an l_inf ball or a box; an l_1 / l_2 ball through the sub-boxes of its
+enclosing box) and the rows j of ``C f``, the local Lipschitz constant is
+
+    L_j = sup_{x in X} || grad (C f)_j (x) ||_q            (q the dual norm of the region's p).
+
+:func:`local_lipschitz` keeps a certified interval ``lower_j <= L_j <= upper_j`` and shrinks it:
+
+* **upper**: X is covered by sub-boxes B_i; L_j <= max_i U_ij with U_ij any sound bound of the
+  dual norm over B_i (here :meth:`JacobianBounds.lipschitz` of the chosen method, whose
+  pre-activation bounds tighten as the boxes shrink).  The bound of the whole region from the
+  first pass also holds, so upper_j = min(first pass, max_i U_ij).
+* **lower**: ||grad (C f)_j (x)||_q at points x of X actually evaluated (autograd); every such
+  value is attained, so it is a certified lower bound.  Points: the centre, the centres of every
+  new sub-box and a few random points in it, and projected gradient ascent on the norm (useful
+  for smooth activations; for ReLU nets the gradient is piecewise constant and the sampled
+  points do the work).
+* **branching**: best first.  A sub-box whose bound U_ij is below lower_j for every open row
+  cannot raise the maximum and is dropped; of the others, the ``batch`` boxes with the largest
+  U_ij / upper_j over the open rows are split in two along the input whose width times the
+  largest Jacobian magnitude in its column (over the open rows) is largest; the two halves of
+  every split box are bounded together in one call.
+* a row stops when upper_j - lower_j <= rel_gap * upper_j; its bounds are frozen.  The whole
+  search stops then, at ``time_limit`` or at ``max_boxes`` live boxes; the result says which.
+
+Sub-boxes of an l_1 / l_2 ball's enclosing box that miss the ball are dropped; those that meet it
+are bounded as boxes (a superset of their part of the ball), and points for the lower bound are
+projected onto the ball.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from rj_plugin.api import METHODS, JacobianBounder
+from rj_plugin.attacks import project
+from rj_plugin.errors import InputError
+from rj_plugin.lipschitz import dual_norm
+from rj_plugin.lirpa import PREACT_METHODS
+from rj_plugin.region import Region
+
+__all__ = ["LocalLipschitz", "local_lipschitz"]
+
+
+@dataclass
+class LocalLipschitz:
+    """Certified bounds of local Lipschitz constants, one per (batch entry, row).
+
+    Attributes:
+        upper: ``[B, rows]`` certified upper bounds of sup ||grad (C f)_j||_q over the region.
+        lower: ``[B, rows]`` the largest gradient norms found (attained: certified lower bounds).
+        first_upper: ``[B, rows]`` the one-pass bound of the whole region (before splitting).
+        status: ``[B]``: ``"gap"`` (every row within ``rel_gap``), ``"time limit"`` or
+            ``"box limit"``.
+        boxes: ``[B]`` sub-boxes bounded.
+        seconds: ``[B]`` wall-clock time.
+        norm: the region's p (the constant is for the dual norm q).
+    """
+
+    upper: Tensor
+    lower: Tensor
+    first_upper: Tensor
+    status: list[str]
+    boxes: list[int]
+    seconds: list[float]
+    norm: float
+    method: str = "linear"
+    history: list[list[tuple[float, float, float]]] = field(default_factory=list)
+
+    @property
+    def gap(self) -> Tensor:
+        """Relative gap (upper - lower) / upper, ``[B, rows]``."""
+        return (self.upper - self.lower) / self.upper.abs().clamp(min=1e-300)
+
+
+def gradient_norms(model: nn.Module, points: Tensor, C: Tensor | None, q: float) -> Tensor:
+    """``|| grad (C f)_j (x_n) ||_q`` for points ``[N, *shape]``: ``[N, rows]`` (autograd, one
+    backward pass per row)."""
+    x = points.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        out = model(x).flatten(1)
+        if C is not None:
+            out = out @ C.T
+        norms = []
+        for j in range(out.shape[1]):
+            (grad,) = torch.autograd.grad(out[:, j].sum(), x, retain_graph=j + 1 < out.shape[1])
+            norms.append(torch.linalg.vector_norm(grad.flatten(1), ord=q, dim=1))
+    return torch.stack(norms, 1).detach()
+
+
+def _ascent(model: nn.Module, starts: Tensor, lo: Tensor, hi: Tensor, region: Region,
+            C: Tensor | None, q: float, steps: int) -> Tensor:
+    """Projected sign-gradient ascent on sum_j ||grad (C f)_j||_q from ``starts`` ``[N, n]``
+    within the boxes ``[lo, hi]`` (and the region's ball); returns the final points."""
+    x = starts.clone()
+    step = (hi - lo) / 8
+    for _ in range(steps):
+        x.requires_grad_(True)
+        with torch.enable_grad():
+            out = model(x.reshape(-1, *region.center.shape[1:])).flatten(1)
+            if C is not None:
+                out = out @ C.T
+            total = 0.0
+            for j in range(out.shape[1]):
+                (g,) = torch.autograd.grad(out[:, j].sum(), x, create_graph=True)
+                total = total + torch.linalg.vector_norm(g, ord=q, dim=1).sum()
+            if not total.requires_grad:  # piecewise-linear net: no curvature to follow
+                return x.detach()
+            (direction,) = torch.autograd.grad(total, x)
+        x = torch.minimum(torch.maximum(x.detach() + step * direction.sign(), lo), hi)
+        x = _into_ball(x, region)
+    return x.detach()
+
+
+def _into_ball(points: Tensor, region: Region) -> Tensor:
+    """Project points ``[N, n]`` onto the region's l_p ball (boxes: unchanged)."""
+    if region.eps is None or math.isinf(region.norm):
+        return points
+    center = region.center.flatten(1)
+    return center + project(points - center, region.eps, region.norm)
+
+
+def _meets_ball(lo: Tensor, hi: Tensor, region: Region) -> Tensor:
+    """Which boxes ``[N, n]`` intersect the region's l_p ball: ``[N]`` (all for boxes)."""
+    if region.eps is None or math.isinf(region.norm):
+        return torch.ones(lo.shape[0], dtype=torch.bool, device=lo.device)
+    center = region.center.flatten(1)
+    gap = torch.maximum(torch.maximum(lo - center, center - hi), torch.zeros_like(lo))
+    return torch.linalg.vector_norm(gap, ord=region.norm, dim=1) <= region.eps
+
+
+def local_lipschitz(model: nn.Module | str | JacobianBounder, x0=None, eps=None, norm="inf", *,
+                    lower=None, upper=None, C: Tensor | None = None, method: str = "linear",
+                    preact: str = "crown", time_limit: float | None = 10.0,
+                    rel_gap: float = 1e-3, batch: int = 32, max_boxes: int = 100_000,
+                    ascent_steps: int = 10, seed: int = 0) -> LocalLipschitz:
+    """Refine the local Lipschitz constants of the rows of ``C f`` over a region to a gap.
+
+    Args:
+        model: an ``nn.Module``, a path or demo name, or a prepared :class:`JacobianBounder`.
+        x0, eps, norm: the l_p ball (p in {1, 2, inf}); or ``lower, upper`` (a box).
+        C: ``[k, n_out]`` rows (default: the outputs).
+        method: the bound of each sub-box: ``linear`` (default), ``recurjac`` or ``fastlip``.
+        preact: pre-activation bounds of each sub-box (``crown`` by default).
+        time_limit: seconds per input of the batch (None: until the gap or the box limit).
+        rel_gap: stop a row when (upper - lower) <= rel_gap * upper.
+        batch: sub-boxes split per step (their halves are bounded in one call).
+        max_boxes: stop when this many sub-boxes are alive.
+        ascent_steps: steps of gradient ascent from each new sub-box's centre.
+
+    Returns:
+        :class:`LocalLipschitz` (see the module docstring for the algorithm).
+    """
+    if method not in METHODS or method == "interval":
+        raise InputError(f"unknown method {method!r} for local_lipschitz; choose from linear, "
+                         "recurjac, fastlip")
+    if preact not in PREACT_METHODS:
+        raise InputError(f"unknown pre-activation method {preact!r}; choose from "
+                         f"{', '.join(PREACT_METHODS)}")
+    if not (rel_gap >= 0 and math.isfinite(rel_gap)):
+        raise InputError(f"rel_gap must be a finite number >= 0, got {rel_gap!r}")
+    if batch < 1 or max_boxes < 2:
+        raise InputError("batch must be >= 1 and max_boxes >= 2")
+    if time_limit is not None and not time_limit > 0:
+        raise InputError(f"time_limit must be > 0 seconds or None, got {time_limit!r}")
+    if isinstance(model, JacobianBounder):
+        bounder = model
+    else:
+        ref = x0 if x0 is not None else lower
+        shape = getattr(model, "rj_input_shape", None)
+        if shape is None and ref is not None:
+            ref = torch.as_tensor(ref)
+            shape = tuple(ref.shape[1:]) if ref.dim() >= 2 else tuple(ref.shape)
+        bounder = JacobianBounder(model, input_shape=shape)
+    region = bounder.region(x0, eps, norm, lower, upper)
+    if C is not None:
+        C = torch.as_tensor(C, dtype=bounder.dtype, device=bounder.device)
+    results = [_refine_one(bounder, region.select(slice(b, b + 1)), C, method, preact,
+                           time_limit, rel_gap, batch, max_boxes, ascent_steps, seed)
+               for b in range(region.batch)]
+    return LocalLipschitz(torch.stack([r[0] for r in results]),
+                          torch.stack([r[1] for r in results]),
+                          torch.stack([r[2] for r in results]),
+                          [r[3] for r in results], [r[4] for r in results],
+                          [r[5] for r in results], region.norm, method,
+                          [r[6] for r in results])
+
+
+def _refine_one(bounder: JacobianBounder, region: Region, C: Tensor | None, method: str,
+                preact: str, time_limit: float | None, rel_gap: float, batch: int,
+                max_boxes: int, ascent_steps: int, seed: int):
+    """Branch and bound for one input (``region.batch == 1``); see :func:`local_lipschitz`."""
+    start = time.perf_counter()
+    deadline = math.inf if time_limit is None else start + time_limit
+    p, q = region.norm, dual_norm(region.norm)
+    shape = region.center.shape[1:]
+    model = bounder.model
+    gen = torch.Generator().manual_seed(seed)
+
+    def bound_boxes(lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
+        sub = bounder.region(lower=lo.reshape(-1, *shape), upper=hi.reshape(-1, *shape))
+        jb = bounder.bound(sub, preact=preact, method=method, C=C)
+        mag = torch.maximum(jb.lower.abs(), jb.upper.abs()).flatten(2)  # [N, rows, n]
+        return jb.lipschitz(norm=p), mag
+
+    def evaluate(points: Tensor) -> Tensor:
+        return gradient_norms(model, points.reshape(-1, *shape), C, q).amax(0)
+
+    first = bounder.bound(region, preact=preact, method=method, C=C)
+    first_upper = first.lipschitz()[0]
+    center = region.center.flatten(1)
+    if region.eps is not None:  # the ball's enclosing box
+        box_lo, box_hi = center - region.eps, center + region.eps
+    else:
+        box_lo, box_hi = region.lower.flatten(1), region.upper.flatten(1)
+    lower = evaluate(center)
+    rows = lower.shape[0]
+    lo, hi = box_lo, box_hi
+    if math.isinf(p):  # the region is its own box
+        ub = first_upper[None]
+        mag = torch.maximum(first.lower.abs(), first.upper.abs()).flatten(2)
+    else:
+        ub, mag = bound_boxes(lo, hi)
+    frozen_upper = torch.full((rows,), math.nan, dtype=lower.dtype, device=lower.device)
+    n_boxes, status = 1, "time limit"
+    history = [(time.perf_counter() - start, float(first_upper.max()), float(lower.max()))]
+    while True:
+        live_max = ub.amax(0) if ub.shape[0] else lower
+        upper = torch.maximum(torch.minimum(first_upper, live_max), lower)
+        upper = torch.where(frozen_upper.isnan(), upper, frozen_upper)
+        done = (upper - lower) <= rel_gap * upper
+        frozen_upper = torch.where(done & frozen_upper.isnan(), upper, frozen_upper)
+        history.append((time.perf_counter() - start, float(upper.max()), float(lower.max())))
+        if bool(done.all()):
+            status = "gap"
+            break
+        if time.perf_counter() >= deadline:
+            break
+        open_rows = ~done
+        useful = (ub[:, open_rows] > lower[open_rows]).any(1)
+        lo, hi, ub, mag = lo[useful], hi[useful], ub[useful], mag[useful]
+        if lo.shape[0] == 0:  # every box is below what was found: lower is the answer
+            continue
+        if lo.shape[0] + batch > max_boxes:
+            status = "box limit"
+            break
+        score = (ub[:, open_rows] / upper[open_rows].clamp(min=1e-300)).amax(1)
+        pick = score.topk(min(batch, lo.shape[0])).indices
+        keep = torch.ones(lo.shape[0], dtype=torch.bool, device=lo.device)
+        keep[pick] = False
+        s_lo, s_hi = lo[pick], hi[pick]
+        width = s_hi - s_lo
+        dim = (width * mag[pick][:, open_rows].amax(1)).argmax(1)
+        mid = (s_lo.gather(1, dim[:, None]) + s_hi.gather(1, dim[:, None])) / 2
+        left_hi, right_lo = s_hi.clone(), s_lo.clone()
+        left_hi.scatter_(1, dim[:, None], mid)
+        right_lo.scatter_(1, dim[:, None], mid)
+        new_lo, new_hi = torch.cat([s_lo, right_lo]), torch.cat([left_hi, s_hi])
+        meets = _meets_ball(new_lo, new_hi, region)
+        new_lo, new_hi = new_lo[meets], new_hi[meets]
+        if new_lo.shape[0]:
+            new_ub, new_mag = bound_boxes(new_lo, new_hi)
+            n_boxes += new_lo.shape[0]
+            mids = (new_lo + new_hi) / 2
+            rand = new_lo + (new_hi - new_lo) * torch.rand(
+                new_lo.shape, generator=gen, dtype=new_lo.dtype).to(new_lo.device)
+            points = _into_ball(torch.cat([mids, rand]), region)
+            if ascent_steps:
+                points = torch.cat([points, _ascent(
+                    model, mids, new_lo, new_hi, region, C, q, ascent_steps)])
+            lower = torch.maximum(lower, evaluate(points))
+            lo = torch.cat([lo[keep], new_lo])
+            hi = torch.cat([hi[keep], new_hi])
+            ub = torch.cat([ub[keep], new_ub])
+            mag = torch.cat([mag[keep], new_mag])
+        else:
+            lo, hi, ub, mag = lo[keep], hi[keep], ub[keep], mag[keep]
+    upper = torch.where(frozen_upper.isnan(), upper, frozen_upper)
+    return (upper, lower, first_upper, status, n_boxes, time.perf_counter() - start, history)

@@ -1,0 +1,190 @@
+"""The chord relaxation (``method="linear"``), the joint norm bounds and ``local_lipschitz``.
+
+Soundness of ``linear`` on the widened generators (input ops first, residual blocks, convolutions,
+every activation) is part of ``tests/test_soundness_families.py`` (it loops over every method);
+here: the relaxation itself, that ``linear`` is never looser than RecurJac and is tighter where it
+should be, every Lipschitz candidate against sampled and ascended gradient norms, and the
+refinement against the exact constant (MILP) on small ReLU nets.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from rj_plugin import bound_jacobian, exact_lipschitz
+from rj_plugin.lipschitz import abs_chord, square_chord
+from rj_plugin.recurjac import BackwardBounds, JacobianDAG, _sweep_coefficients
+from rj_plugin.refine import local_lipschitz
+from tests import oracle
+
+ACTS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "leaky": lambda: nn.LeakyReLU(0.1),
+        "softplus": nn.Softplus}
+
+
+class Normalize(nn.Module):
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mean", mean)
+        self.register_buffer("std", std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+class Residual(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.inner(x)
+
+
+def _net(kind: str, act: str, n_in: int = 6, width: int = 12, depth: int = 3) -> nn.Module:
+    a = ACTS[act]
+    layers: list[nn.Module] = []
+    if kind == "normalize":
+        layers.append(Normalize(torch.rand(n_in) - 0.5, 0.3 + torch.rand(n_in)))
+    if kind == "residual-first":
+        layers += [Residual(nn.Sequential(nn.Linear(n_in, n_in), a(), nn.Linear(n_in, n_in)))]
+    if kind == "act-first":
+        layers.append(a())
+    sizes = [n_in] + [width] * (depth - 1)
+    for i in range(depth - 1):
+        layers += [nn.Linear(sizes[i], sizes[i + 1]), a()]
+    layers.append(nn.Linear(sizes[-1], 3))
+    return nn.Sequential(*layers).double().eval()
+
+
+def test_chord_coefficients_bound_every_product() -> None:
+    """For D in [L, U], sigma' in [a, b] and any w: D sigma' w <= (fold * D + worst) * w with the
+    coefficients picked by the sign of w; checked on a grid of D and sigma' values."""
+    gen = torch.Generator().manual_seed(0)
+    n = 400
+    d_lo = torch.randn(1, 1, n, generator=gen, dtype=torch.float64)
+    d_hi = d_lo + torch.rand(1, 1, n, generator=gen, dtype=torch.float64) * 2
+    g_lo = torch.rand(1, n, generator=gen, dtype=torch.float64) - 0.2  # some negative derivatives
+    g_hi = g_lo + torch.rand(1, n, generator=gen, dtype=torch.float64)
+    g_hi[0, :20] = g_lo[0, :20]  # exactly known derivatives
+    net = JacobianDAG({(0, 1): torch.zeros(n, 1, dtype=torch.float64),
+                       (1, 2): torch.zeros(1, n, dtype=torch.float64)}, [g_lo], [g_hi])
+    bounds = BackwardBounds([None, d_lo], [None, d_hi])
+    fold_pos, fold_neg, worst_pos, worst_neg = (c[0, 0, 0] for c in _sweep_coefficients(
+        net, bounds, 1, linear=True))
+    t = torch.linspace(0, 1, 41, dtype=torch.float64)[:, None]
+    d = d_lo[0, 0] + t * (d_hi - d_lo)[0, 0]  # [41, n]
+    for s in torch.linspace(0, 1, 11, dtype=torch.float64):
+        sig = g_lo[0] + s * (g_hi - g_lo)[0]
+        prod = d * sig
+        assert (prod <= fold_pos * d + worst_pos + 1e-12).all()  # w = +1
+        assert (-prod <= -(fold_neg * d + worst_neg) + 1e-12).all()  # w = -1
+
+
+@pytest.mark.parametrize("kind", ["plain", "normalize", "residual-first", "act-first"])
+@pytest.mark.parametrize("act", list(ACTS))
+@pytest.mark.parametrize("norm", ["inf", 2, 1])
+def test_linear_sound_and_never_looser_than_recurjac(kind: str, act: str, norm) -> None:
+    torch.manual_seed(hash((kind, act, str(norm))) % 1000)
+    net = _net(kind, act)
+    x0 = torch.rand(2, 6, dtype=torch.float64)
+    eps = {"inf": 0.15, 2: 0.3, 1: 0.5}[norm]
+    rj = bound_jacobian(net, x0, eps, norm=norm)
+    lin = bound_jacobian(net, x0, eps, norm=norm, method="linear")
+    assert (lin.lower >= rj.lower).all() and (lin.upper <= rj.upper).all()
+    p = math.inf if norm == "inf" else float(norm)
+    gen = torch.Generator().manual_seed(1)
+    for b in range(2):
+        objectives = [(j, None, 1.0) for j in range(3)] + [(0, 0, 1.0), (1, 2, -1.0)]
+        pts = oracle.region_points(net, x0[b], eps, p, 300, gen, objectives)
+        jac = oracle.jacobians(net, pts).detach()
+        assert (jac >= lin.lower[b] - 1e-10).all() and (jac <= lin.upper[b] + 1e-10).all()
+        q = {1.0: math.inf, 2.0: 2.0, math.inf: 1.0}[p]
+        norms = jac.norm(p=q, dim=-1).amax(0)
+        for name, value in lin.lipschitz_candidates().items():
+            assert (norms <= value[b] + 1e-10).all(), name
+        for name, value in rj.lipschitz_candidates().items():
+            assert (norms <= value[b] + 1e-10).all(), name
+
+
+@pytest.mark.parametrize("act", ["relu", "tanh"])
+def test_linear_tightens_relu_and_tanh_nets(act: str) -> None:
+    """On nets with many unsigned partial derivatives the chord is strictly tighter."""
+    torch.manual_seed(0)
+    net = _net("plain", act, n_in=10, width=20)
+    x0 = torch.rand(1, 10, dtype=torch.float64)
+    rj = bound_jacobian(net, x0, 0.3)
+    lin = bound_jacobian(net, x0, 0.3, method="linear")
+    assert float((lin.upper - lin.lower).mean()) < 0.9 * float((rj.upper - rj.lower).mean())
+    assert (lin.lipschitz() < rj.lipschitz()).all()
+
+
+def test_norm_chords_bound_the_norms() -> None:
+    gen = torch.Generator().manual_seed(0)
+    lo = torch.randn(1, 2, 7, generator=gen, dtype=torch.float64)
+    hi = lo + 2 * torch.rand(1, 2, 7, generator=gen, dtype=torch.float64)
+    lo[0, 0, 0] = hi[0, 0, 0] = 0.0
+    pts = lo + (hi - lo) * torch.rand(5000, 2, 7, generator=gen, dtype=torch.float64)
+    pts = torch.cat([pts, lo, hi])
+    w, c = abs_chord(lo, hi)
+    assert (pts.abs().sum(-1) <= (pts * w).sum(-1) + c + 1e-12).all()
+    w, c = square_chord(lo, hi)
+    assert (pts.square().sum(-1) <= (pts * w).sum(-1) + c + 1e-12).all()
+
+
+def test_joint_norm_is_active_somewhere() -> None:
+    """The joint bound is below the element-wise one on a random tanh net (l_inf and l_2)."""
+    torch.manual_seed(1)
+    net = _net("plain", "tanh", n_in=10, width=20)
+    x0 = torch.rand(1, 10, dtype=torch.float64)
+    for norm in ("inf", 2):
+        cand = bound_jacobian(net, x0, 0.3, norm=norm).lipschitz_candidates()
+        assert (cand["joint"] < cand["elementwise"]).any()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("norm", ["inf", 1])
+def test_local_lipschitz_brackets_the_exact_constant(seed: int, norm) -> None:
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(4, 10), nn.ReLU(), nn.Linear(10, 8), nn.ReLU(),
+                        nn.Linear(8, 2)).double()
+    x0 = torch.rand(1, 4, dtype=torch.float64)
+    eps = 0.2 if norm == "inf" else 0.4
+    exact = exact_lipschitz(net, x0, eps, norm=norm)
+    assert all(s == "optimal" for s in exact.status[0])
+    ref = local_lipschitz(net, x0, eps, norm=norm, time_limit=3.0)
+    assert (ref.upper >= exact.lower - 1e-7).all()
+    assert (ref.lower <= exact.upper + 1e-7).all()
+    assert (ref.upper <= ref.first_upper + 1e-12).all()
+    # refinement makes progress: the gap is smaller than the first pass leaves it
+    assert (ref.upper - ref.lower).sum() < (ref.first_upper - ref.lower).sum() or (
+        ref.gap <= 1e-3).all()
+
+
+def test_local_lipschitz_converges_on_a_small_net() -> None:
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Linear(2, 6), nn.ReLU(), nn.Linear(6, 1)).double()
+    x0 = torch.zeros(1, 2, dtype=torch.float64)
+    ref = local_lipschitz(net, x0, 0.5, time_limit=20.0, rel_gap=1e-3)
+    assert ref.status == ["gap"]
+    exact = exact_lipschitz(net, x0, 0.5)
+    assert float(ref.lower[0, 0]) <= float(exact.upper[0, 0]) + 1e-7
+    assert float(ref.upper[0, 0]) >= float(exact.lower[0, 0]) - 1e-7
+    assert float(ref.upper[0, 0]) <= 1.001 * float(exact.upper[0, 0]) + 1e-9
+
+
+def test_local_lipschitz_l2_ball_and_tanh() -> None:
+    """Sub-boxes of an l_2 ball's enclosing box: upper above every sampled gradient norm."""
+    torch.manual_seed(4)
+    net = _net("normalize", "tanh", n_in=3, width=8)
+    x0 = torch.rand(1, 3, dtype=torch.float64)
+    ref = local_lipschitz(net, x0, 0.4, norm=2, time_limit=2.0)
+    pts = oracle.region_points(net, x0[0], 0.4, 2.0, 2000, torch.Generator().manual_seed(0),
+                               [(j, None, 1.0) for j in range(3)])
+    norms = oracle.jacobians(net, pts).detach().norm(dim=-1).amax(0)
+    assert (norms <= ref.upper[0] + 1e-10).all()
+    at_center = oracle.jacobians(net, x0).detach().norm(dim=-1)[0]
+    assert (ref.lower[0] >= at_center - 1e-12).all() and (ref.lower[0] <= ref.upper[0]).all()
