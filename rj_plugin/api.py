@@ -52,6 +52,7 @@ class JacobianBounds:
     _options: dict[str, Any] = field(default_factory=dict, repr=False)
     _activation_max: list[float] = field(default_factory=list, repr=False)
     _slack: Tensor | None = field(default=None, repr=False)
+    _reference: JacobianBounds | None = field(default=None, repr=False)
 
     @property
     def batch(self) -> int:
@@ -118,6 +119,9 @@ class JacobianBounds:
         else:
             weights, offset = lip.square_chord(lower, upper)
             out["joint"] = (self._row_upper(weights) + offset).clamp(min=0).sqrt()
+        if self._reference is not None:  # linear: never looser than RecurJac's own values
+            for name, value in self._reference.lipschitz_candidates(norm=norm).items():
+                out[f"recurjac-{name}"] = value
         return out
 
     def _row_upper(self, weights: Tensor) -> Tensor:
@@ -174,11 +178,20 @@ def _run_algorithm(net: rj.JacobianDAG, region: Region, method: str, preact: str
         lower, upper = rj.interval_forward(net)
     slack = rj.rounding_slack(net)  # round outwards: rounding never moves J(x) outside
     lower, upper = lower - slack, upper + slack
+    reference = None
+    if method == "linear":
+        # Tighter bounds of the deeper partials do not make RecurJac's own sweeps tighter in
+        # every case (a neuron may switch from a constant to a fold), so RecurJac's result is
+        # computed too and the two are intersected: never looser than RecurJac.
+        reference = _run_algorithm(net, region, "recurjac", preact, input_shape, {}, options,
+                                   activation_max)
+        lower = torch.maximum(lower, reference.lower.flatten(2))
+        upper = torch.minimum(upper, reference.upper.flatten(2))
     timings["jacobian_s"] = time.perf_counter() - start
     batch = lower.shape[0]
     shape = (batch, lower.shape[1], *input_shape)
     return JacobianBounds(lower.reshape(shape), upper.reshape(shape), region, method, preact,
-                          timings, net, backward, options, activation_max, slack)
+                          timings, net, backward, options, activation_max, slack, reference)
 
 
 def _checked_interval(lower: Tensor, upper: Tensor, act: Any, preact: str, batch: int
@@ -293,9 +306,12 @@ class JacobianBounder:
                 self.max_batch = 1
                 return self.derivative_ranges(region, preact, alpha_iterations, alpha_lr)
             pairs = []
+            checked = {}
             for act in self.jacobian_graph.activations:
                 lo, hi = _checked_interval(*pre[act.input_node], act, preact, region.batch)
+                checked[act.input_node] = (lo, hi)
                 pairs.append(act.activation.bounds(lo, hi))
+            self._last_preact = (region, checked)
         return [p[0] for p in pairs], [p[1] for p in pairs]
 
     def bound(self, region: Region, *, preact: str = "crown", method: str = "recurjac",
@@ -327,13 +343,67 @@ class JacobianBounder:
         start = time.perf_counter()
         g_lo, g_hi = self.derivative_ranges(region, preact, alpha_iterations, alpha_lr)
         timings = {"preact_s": time.perf_counter() - start}
-        net = rj.JacobianDAG(dict(self.edges), g_lo, g_hi, self._push)
+        linked = None
+        if method == "linear" and not region.unbounded:
+            start = time.perf_counter()
+            linked = self._linked_preactivations(region)
+            timings["linked_s"] = time.perf_counter() - start
+        net = rj.JacobianDAG(dict(self.edges), g_lo, g_hi, self._push, linked)
         if C is not None:
             net = net.with_spec(_check_spec(C, net))
         options = {"intersect": intersect, "max_elements": max_elements}
         act_max = [a.activation.max_abs_derivative for a in self.jacobian_graph.activations]
         return _run_algorithm(net, region, method, "none" if region.unbounded else preact,
                               self.input_shape, timings, options, act_max)
+
+    def _linked_preactivations(self, region: Region) -> rj.LinkedPreactivations | None:
+        """CROWN's lines of the smooth activations' pre-activations in the input, and lines of
+        their derivatives, for the ``linear`` method (None when no activation is smooth or the
+        last pre-activation bounds were not computed for this region in one piece)."""
+        acts = [(t, a) for t, a in enumerate(self.jacobian_graph.activations, start=1)
+                if a.activation.linear_derivative]
+        last = getattr(self, "_last_preact", None)
+        if not acts or last is None or last[0] is not region:
+            return None
+        pre = last[1]
+        center = region.center.flatten(1)
+        if region.is_box:
+            mid = (region.lower.flatten(1) + region.upper.flatten(1)) / 2
+            half = (region.upper.flatten(1) - region.lower.flatten(1)) / 2
+            magnitude = torch.maximum(region.lower.flatten(1).abs(), region.upper.flatten(1).abs())
+
+            def concretize(coef: Tensor) -> Tensor:
+                """max over the box of coef . x: ``[B, ..., n_0] -> [B, ...]``."""
+                shape = (coef.shape[0],) + (1,) * (coef.dim() - 2) + (-1,)
+                return ((coef * mid.reshape(shape)).sum(-1)
+                        + (coef.abs() * half.reshape(shape)).sum(-1))
+        else:
+            dual, eps = lip.dual_norm(region.norm), float(region.eps)
+            magnitude = center.abs() + eps
+
+            def concretize(coef: Tensor) -> Tensor:
+                """max over the ball of coef . x: ``[B, ..., n_0] -> [B, ...]``."""
+                shape = (coef.shape[0],) + (1,) * (coef.dim() - 2) + (-1,)
+                return (coef * center.reshape(shape)).sum(-1) + eps * torch.linalg.vector_norm(
+                    coef, ord=dual, dim=-1)
+
+        def extremes(coef: Tensor) -> tuple[Tensor, Tensor]:
+            return -concretize(-coef), concretize(coef)
+
+        ptb = make_perturbation(region.norm, region.eps, region.lower, region.upper)
+        lines = self.graph.preactivation_linear_bounds(
+            region.center, ptb, self.preact_nodes,
+            {n: (lo.reshape(-1, *self.graph.module[n].output_shape[1:]),
+                 hi.reshape(-1, *self.graph.module[n].output_shape[1:]))
+             for n, (lo, hi) in pre.items()},
+            [a.input_node for _, a in acts], extremes)
+        nodes = {}
+        for t, act in acts:
+            if act.input_node not in lines:
+                continue
+            lo, hi = pre[act.input_node]
+            nodes[t] = (*lines[act.input_node], *act.activation.linear_derivative_bounds(lo, hi))
+        return rj.LinkedPreactivations(nodes, concretize, magnitude)
 
     def region(self, x0=None, eps=None, norm="inf", lower=None, upper=None,
                unbounded: bool = False) -> Region:

@@ -55,11 +55,61 @@ class Activation:
             name because it changes the rule).
         rule: ``(l, u) -> (g_lo, g_hi)``, see the module docstring.
         max_abs_derivative: sup |sigma'| over the real line (for operator-norm products).
+        derivative: sigma' itself, for the smooth activations whose derivative is Lipschitz
+            (None otherwise); with ``max_abs_second`` = sup |sigma''| it gives the linear bounds
+            of :meth:`linear_derivative_bounds`.
     """
 
     name: str
     rule: DerivativeRule
     max_abs_derivative: float
+    derivative: Callable[[Tensor], Tensor] | None = None
+    max_abs_second: float | None = None
+
+    @property
+    def linear_derivative(self) -> bool:
+        """Whether :meth:`linear_derivative_bounds` is available."""
+        return self.derivative is not None and self.max_abs_second is not None
+
+    def linear_derivative_bounds(self, lower: Tensor, upper: Tensor, samples: int = 33
+                                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        r"""Lines below and above sigma' over [l, u]: ``(alpha_lo, beta_lo, alpha_hi, beta_hi,
+        mid)``, each like ``lower`` (finite bounds only), with
+
+            alpha_lo z + beta_lo <= sigma'(z) <= alpha_hi z + beta_hi     for every z in [l, u].
+
+        For a slope alpha, the offsets are the min and max of h(z) = sigma'(z) - alpha z over
+        [l, u], bounded from ``samples`` equally spaced values: h is Lipschitz with constant
+        sup|sigma''| + |alpha|, so between two samples delta apart it is within that constant
+        times delta / 2 of the larger (smaller) sample; a few ulps of the magnitudes widen both
+        for rounding.  Slopes tried: 0, the chord's, and the chords of the four quarters of
+        [l, u]; the upper line is the one lowest at the midpoint, the lower line the one highest
+        there.  ``mid`` is sigma' at the midpoint (a reference for choosing relaxations).
+        """
+        if not self.linear_derivative:
+            raise ValueError(f"{self.name}: no linear derivative bounds")
+        width = upper - lower
+        safe = torch.where(width > 0, width, torch.ones_like(width))
+        steps = torch.linspace(0, 1, samples, dtype=lower.dtype, device=lower.device)
+        z = lower[..., None] + width[..., None] * steps  # [..., samples]
+        values = self.derivative(z)
+        quarter = (samples - 1) // 4
+        knots = values[..., ::quarter]  # 5 values: the ends of the four quarters
+        slopes = [torch.zeros_like(width), (values[..., -1] - values[..., 0]) / safe]
+        slopes += [(knots[..., i + 1] - knots[..., i]) * 4 / safe for i in range(4)]
+        alphas = torch.stack(slopes, -1)  # [..., 6]
+        alphas = torch.where((width > 0)[..., None], alphas, torch.zeros_like(alphas))
+        h = values[..., None, :] - alphas[..., None] * z[..., None, :]  # [..., 6, samples]
+        margin = (self.max_abs_second + alphas.abs()) * width[..., None] / (2 * (samples - 1))
+        scale = 1.0 + alphas.abs() * torch.maximum(lower.abs(), upper.abs())[..., None]
+        margin = margin + 16 * torch.finfo(lower.dtype).eps * scale
+        beta_lo, beta_hi = h.amin(-1) - margin, h.amax(-1) + margin  # [..., 6]
+        center = ((lower + upper) / 2)[..., None]
+        hi_pick = (alphas * center + beta_hi).argmin(-1, keepdim=True)
+        lo_pick = (alphas * center + beta_lo).argmax(-1, keepdim=True)
+        mid = self.derivative((lower + upper) / 2)
+        return (alphas.gather(-1, lo_pick)[..., 0], beta_lo.gather(-1, lo_pick)[..., 0],
+                alphas.gather(-1, hi_pick)[..., 0], beta_hi.gather(-1, hi_pick)[..., 0], mid)
 
     def bounds(self, lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor]:
         """Derivative bounds ``(g_lo, g_hi)`` over ``[lower, upper]``, elementwise, same shape."""
@@ -72,6 +122,7 @@ class Activation:
         """Derivative bounds over the whole real line, shaped like ``like``."""
         inf = torch.full_like(like, float("inf"))
         return self.rule(-inf, inf)
+
 
 
 def _widen(g_lo: Tensor, g_hi: Tensor, scale: float) -> tuple[Tensor, Tensor]:
@@ -199,9 +250,14 @@ def get_activation(name: str) -> Activation:
 
 for _act in (
     Activation("relu", _piecewise_linear_rule(0.0, 1.0), 1.0),
-    Activation("tanh", _even_unimodal_rule(_tanh_prime, 1.0), 1.0),
-    Activation("sigmoid", _even_unimodal_rule(_sigmoid_prime, 0.25), 0.25),
-    Activation("arctan", _even_unimodal_rule(_arctan_prime, 1.0), 1.0),
+    # sup|sigma''|: tanh'' = -2 tanh sech^2, max 4 / (3 sqrt 3) at tanh^2 = 1/3; sigmoid'' =
+    # s (1 - s)(1 - 2 s), max 1 / (6 sqrt 3); arctan'' = -2 z / (1 + z^2)^2, max 3 sqrt 3 / 8 at
+    # z^2 = 1/3.  Rounded up.
+    Activation("tanh", _even_unimodal_rule(_tanh_prime, 1.0), 1.0, _tanh_prime, 0.76980036),
+    Activation("sigmoid", _even_unimodal_rule(_sigmoid_prime, 0.25), 0.25, _sigmoid_prime,
+               0.09622505),
+    Activation("arctan", _even_unimodal_rule(_arctan_prime, 1.0), 1.0, _arctan_prime,
+               0.64951906),
     Activation("softplus", _softplus_rule, 1.0),
     Activation("hardtanh", _hardtanh_rule, 1.0),
 ):

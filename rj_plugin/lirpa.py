@@ -30,7 +30,7 @@ import inspect
 import logging
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -567,6 +567,66 @@ class LirpaGraph:
             upper.append(ub.detach().reshape(batch, k))
         return (torch.cat(lower, 1).reshape(batch, *shape),
                 torch.cat(upper, 1).reshape(batch, *shape))
+
+    def preactivation_linear_bounds(self, center: Tensor, perturbation: Any, names: list[str],
+                                    fixed: dict[str, tuple[Tensor, Tensor]], which: list[str],
+                                    extremes: Callable[[Tensor], tuple[Tensor, Tensor]]
+                                    ) -> dict[str, tuple[Tensor, Tensor, Tensor, Tensor]]:
+        """CROWN's linear bounds of the pre-activation nodes ``which`` in the input (the nodes
+        for which auto_LiRPA returns none are left out of the result):
+        ``name -> (lA, lbias, uA, ubias)`` with ``lA, uA: [B, n_node, n_in]`` and biases
+        ``[B, n_node]`` such that  lA x + lbias <= z(x) <= uA x + ubias  for every x of the
+        region.
+
+        The relaxations of the earlier activations use the bounds ``fixed`` (``names`` in
+        topological order, e.g. alpha-CROWN's), which hold over the region, so the lines do too.
+
+        The offsets are not taken from auto_LiRPA's A dictionary: in 0.3 they miss the constants
+        of some ops before the first layer (e.g. ``(x - mean) / std``; measured: lines off by
+        0.3).  They are recomputed from the concretised bounds of the same call, which are
+        right:  lbias = lb - min_{x in R} lA x  with ``extremes(A) -> (min, max)`` of A x over
+        the region R (``[B, k]`` each).  Since auto_LiRPA's lb is the line's minimum over a set
+        that contains R (or lower), the line moves down, never up: it stays below z.
+        """
+        x = self._bounded_input(center, perturbation)
+        batch = x.shape[0]
+        result = {}
+        for k, name in enumerate(names):
+            if name not in which:
+                continue
+            n = self._node_size(name)
+            if name == self.input_name:  # z = x itself
+                eye = torch.eye(n, dtype=self.dtype, device=self.device).expand(batch, n, n)
+                zero = torch.zeros(batch, n, dtype=self.dtype, device=self.device)
+                result[name] = (eye, zero, eye, zero)
+                continue
+            earlier = {n: [fixed[n][0], fixed[n][1]] for n in names[:k]}
+            shape = tuple(self.module[name].output_shape[1:])
+            rows = self.rows_per_call(name, batch, "CROWN")
+            parts: list[list[Tensor]] = [[], [], [], []]
+            for start in range(0, n, rows):
+                k_rows = min(rows, n - start)
+                spec = torch.zeros(k_rows, n, dtype=self.dtype, device=self.device)
+                spec[:, start:start + k_rows] = torch.eye(k_rows, dtype=self.dtype,
+                                                          device=self.device)
+                spec = spec.reshape(1, k_rows, *shape).expand(batch, k_rows, *shape)
+                with torch.no_grad(), lirpa_errors("CROWN"):
+                    lb, ub, a_dict = self.module.compute_bounds(
+                        x=(x,), C=spec, method="CROWN", final_node_name=name, return_A=True,
+                        needed_A_dict={name: [self.input_name]}, **{_FIXED_BOUNDS_KW: earlier})
+                entry = a_dict.get(name, {}).get(self.input_name) or {}
+                if entry.get("lA") is None or entry.get("uA") is None:
+                    break  # auto_LiRPA gave no lines for this node: it is left out
+                l_a = entry["lA"].detach().reshape(batch, k_rows, -1)
+                u_a = entry["uA"].detach().reshape(batch, k_rows, -1)
+                low, high = extremes(l_a)[0], extremes(u_a)[1]
+                parts[0].append(l_a)
+                parts[1].append(lb.detach().reshape(batch, k_rows) - low)
+                parts[2].append(u_a)
+                parts[3].append(ub.detach().reshape(batch, k_rows) - high)
+            else:
+                result[name] = tuple(torch.cat(p, 1) for p in parts)
+        return result
 
     def _crown_fits(self, names: list[str], batch: int) -> bool:
         """Whether one CROWN pass over the whole graph (every node's full identity

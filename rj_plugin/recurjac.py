@@ -89,12 +89,15 @@ class JacobianDAG:
         push: optional structured application of the edges out of a node,
             ``push(s, v [R, n_s]) -> {t: v @ A_{t<-s}^T [R, n_t]}`` (e.g. convolutions instead of
             their dense matrices); RecurJac's sweeps use it for the edges between activations.
+        linked: optional linear bounds of the derivatives in the input (smooth activations),
+            used by the ``linear`` method's sweep (see :class:`LinkedPreactivations`).
     """
 
     edges: dict[Edge, Tensor]
     g_lo: list[Tensor]
     g_hi: list[Tensor]
     push: Callable[[int, Tensor], dict[int, Tensor]] | None = None
+    linked: LinkedPreactivations | None = None
 
     def __post_init__(self) -> None:
         m = self.depth
@@ -148,7 +151,7 @@ class JacobianDAG:
         """The network C f (``C``: ``[k, c]`` or ``[B, k, c]``), C folded into the output edges."""
         m = self.depth
         edges = {e: (C @ a if e[1] == m else a) for e, a in self.edges.items()}
-        return JacobianDAG(edges, self.g_lo, self.g_hi, self.push)
+        return JacobianDAG(edges, self.g_lo, self.g_hi, self.push, self.linked)
 
     def push_from(self, s: int, v: Tensor) -> dict[int, Tensor]:
         """``{t: v @ A_{t<-s}^T}`` for the activation successors t of s; v ``[..., n_s]``."""
@@ -294,6 +297,108 @@ def upper_sweep(net: JacobianDAG, bounds: BackwardBounds, pending: dict[int, Ten
     return acc
 
 
+@dataclass
+class LinkedPreactivations:
+    r"""Linear bounds that tie the derivatives of smooth activations to the input x.
+
+    For an activation node t in ``nodes``: CROWN's lines  lA x + lb <= z_t(x) <= uA x + ub
+    (``lA, uA: [B, n_t, n_0]``, ``lb, ub: [B, n_t]``) and lines of sigma_t' in z over the
+    pre-activation interval,  alpha_lo z + beta_lo <= sigma_t'(z) <= alpha_hi z + beta_hi, with
+    ``ref`` = sigma_t' at the interval's midpoint (``[B, n_t]`` each).  ``concretize(X)``
+    returns max over the region of X . x for coefficients ``X: [B, c, K, n_0]`` -> ``[B, c, K]``;
+    ``x_magnitude``: ``[B, n_0]``, a bound on |x| over the region (for the rounding margin).
+    """
+
+    nodes: dict[int, tuple[Tensor, ...]]
+    concretize: Callable[[Tensor], Tensor]
+    x_magnitude: Tensor
+
+
+def linked_upper_sweep(net: JacobianDAG, bounds: BackwardBounds, pending: dict[int, Tensor]
+                       ) -> Tensor:
+    r"""Upper bound of  sum_t Q_j(w_t, t)  like :func:`upper_sweep`, with the derivatives of the
+    nodes in ``net.linked`` kept as linear functions of the input x.
+
+    At such a node, each term D sigma' w (D = D_t[j, r] in [L, U], s = sigma'(z_r) in [a, b]) is
+    bounded by a McCormick plane of the product: for w > 0 from above by
+    U s + a D - a U  or  L s + b D - b L, for w < 0 from below by  L s + a D - a L  or
+    U s + b D - b U.  The first of each pair is exact where s = a, the second where s = b, so the
+    one is chosen whose exact side is nearer to sigma' at the interval's midpoint.  The plane's
+    D coefficient folds into the downstream vector as in RecurJac; its s term is replaced by
+    the line of sigma' in z (above or below by the sign of its coefficient), and z by CROWN's
+    line in x (likewise); the x coefficients of all nodes add up and are concretised over the
+    region once, at the end, so the derivatives of different neurons and layers stay tied to the
+    same x.  Other nodes (ReLU, leaky ReLU, ...) take the chord relaxation.
+
+    Rounding: the terms that RecurJac does not have (the planes' s and constant terms, the lines
+    in z and x and their concretisation) are summed in absolute value alongside, and the result
+    is raised by 4 gamma_N times that sum (N: all neurons and inputs plus a few per level), so
+    that floating point cannot push it below the value in exact arithmetic; the other terms are
+    RecurJac's and are covered by :func:`rounding_slack`.
+
+    Returns ``[B, c, K]``; ``pending`` is consumed.
+    """
+    m, linked = net.depth, net.linked
+    acc = None
+    coef_x = None
+    abs_acc = None  # [B, c, K]: sum of |terms| of the linked nodes
+    abs_x = None  # [B, c, K, n_0]: |coefficients| of x, term by term
+    out_edges = net.output_edges()
+    for t in range(min(pending), m):
+        w = pending.pop(t, None)
+        if w is None:
+            continue
+        if t not in linked.nodes:
+            fold_pos, fold_neg, worst_pos, worst_neg = _sweep_coefficients(net, bounds, t, True)
+            w_pos = w.clamp(min=0)
+            part = _rowdot(w, worst_neg) + _rowdot(w_pos, worst_pos - worst_neg)
+            v = (w * fold_neg).addcmul_(w_pos, fold_pos - fold_neg)
+        else:
+            l_a, l_b, u_a, u_b, alpha_lo, beta_lo, alpha_hi, beta_hi, ref = linked.nodes[t]
+            abs_l_a, abs_u_a = l_a.abs(), u_a.abs()
+            d_lo = bounds.lower[t][:, :, None, :]  # [B, c, 1, n]
+            d_hi = bounds.upper[t][:, :, None, :]
+            a = net.g_lo[t - 1][:, None, None, :]
+            b = net.g_hi[t - 1][:, None, None, :]
+            near_a = (ref[:, None, None, :] - a) <= (b - ref[:, None, None, :])
+            coef_d = torch.where(near_a, a, b)  # [B, 1, 1, n]
+            positive = w > 0
+            coef_s = torch.where(near_a == positive, d_hi, d_lo)  # U or L: [B, c, K, n]
+            v = w * coef_d
+            k_s = w * coef_s
+            part = -(v * coef_s).sum(-1)
+            above = k_s > 0  # s <= alpha_hi z + beta_hi, else s >= alpha_lo z + beta_lo
+            beta = torch.where(above, beta_hi[:, None, None, :], beta_lo[:, None, None, :])
+            part = part + (k_s * beta).sum(-1)
+            k_z = k_s * torch.where(above, alpha_hi[:, None, None, :], alpha_lo[:, None, None, :])
+            k_pos, k_neg = k_z.clamp(min=0), k_z.clamp(max=0)
+            part = part + _rowdot(k_pos, u_b[:, None, None, :]) + _rowdot(k_neg, l_b[:, None,
+                                                                                   None, :])
+            batch, c, k, n = k_z.shape
+            flat_pos, flat_neg = k_pos.reshape(batch, c * k, n), k_neg.reshape(batch, c * k, n)
+            step_x = (flat_pos @ u_a + flat_neg @ l_a).reshape(batch, c, k, -1)
+            coef_x = step_x if coef_x is None else coef_x + step_x
+            step_abs = (flat_pos @ abs_u_a - flat_neg @ abs_l_a).reshape(batch, c, k, -1)
+            abs_x = step_abs if abs_x is None else abs_x + step_abs
+            mag = ((v * coef_s).abs().sum(-1) + (k_s * beta).abs().sum(-1)
+                   + _rowdot(k_pos, u_b.abs()[:, None, None, :])
+                   - _rowdot(k_neg, l_b.abs()[:, None, None, :]))
+            abs_acc = mag if abs_acc is None else abs_acc + mag
+        acc = part if acc is None else acc + part
+        del w
+        if t in out_edges:
+            acc += _rowdot(v, out_edges[t][:, :, None, :])
+        for u, pushed in net.push_from(t, v).items():
+            pending[u] = pushed if u not in pending else pending[u] + pushed
+    if coef_x is not None:
+        acc = acc + linked.concretize(coef_x)
+        total = abs_acc + ((abs_x + coef_x.abs()) * linked.x_magnitude[:, None, None, :]).sum(-1)
+        n_terms = sum(net.sizes.values()) + net.n_in + 16 * (m + 1)
+        unit = torch.finfo(acc.dtype).eps / 2
+        acc = acc + 4 * (n_terms * unit / (1 - n_terms * unit)) * total
+    return acc
+
+
 def _chunks(total: int, size: int):
     for start in range(0, total, size):
         yield slice(start, min(total, start + size))
@@ -309,6 +414,17 @@ def _start_vectors(net: JacobianDAG, s: int, cols: slice) -> dict[int, Tensor]:
             w = net.edges[(s, t)][:, cols].T  # [K, n_t]
             pending[t] = torch.cat([w, -w], 0).expand(batch, c, -1, -1)
     return pending
+
+
+def _linear_sweep(net: JacobianDAG, bounds: BackwardBounds, pending: dict[int, Tensor]
+                  ) -> Tensor:
+    """The ``linear`` method's sweep: the chord relaxation, and where ``net.linked`` is given
+    also the sweep tied to the input; the smaller of the two (both are sound: the chord is the
+    tightest bound in D alone, the planes win where the derivatives' ties to x matter)."""
+    if net.linked is not None and net.linked.nodes:
+        return torch.minimum(upper_sweep(net, bounds, dict(pending), linear=True),
+                             linked_upper_sweep(net, bounds, pending))
+    return upper_sweep(net, bounds, pending, linear=True)
 
 
 def recurjac_backward(net: JacobianDAG, *, intersect: bool = True,
@@ -337,13 +453,15 @@ def recurjac_backward(net: JacobianDAG, *, intersect: bool = True,
         hi = lo.clone()
         if any(t < m for t in net.successors[s]):
             widest = max(net.sizes[t] for t in range(s + 1, m))
+            if linear and net.linked is not None:  # the x coefficients of the linked sweep
+                widest = max(widest, net.n_in)
             per_col = max(1, batch * c * 2 * widest)
             for cols in _chunks(n_cols, max(1, max_elements // per_col)):
                 k = cols.stop - cols.start
                 out = upper_sweep(net, bounds, _start_vectors(net, s, cols))
                 if linear:
-                    out = torch.minimum(out, upper_sweep(net, bounds, _start_vectors(net, s, cols),
-                                                         linear=True))
+                    out = torch.minimum(out, _linear_sweep(net, bounds,
+                                                           _start_vectors(net, s, cols)))
                 hi[:, :, cols] += out[..., :k]
                 lo[:, :, cols] -= out[..., k:]
             if intersect:
@@ -420,8 +538,8 @@ def merged_row_upper(net: JacobianDAG, bounds: BackwardBounds, signs: Tensor,
     if method in ("recurjac", "linear"):
         swept = upper_sweep(net, bounds, {t: w[:, :, None, :] for t, w in starts.items()})
         if method == "linear":
-            swept = torch.minimum(swept, upper_sweep(
-                net, bounds, {t: w[:, :, None, :] for t, w in starts.items()}, linear=True))
+            swept = torch.minimum(swept, _linear_sweep(
+                net, bounds, {t: w[:, :, None, :] for t, w in starts.items()}))
         return total + swept[..., 0]
     for t, w in starts.items():
         g_lo, g_hi = net.g_lo[t - 1][:, None, :], net.g_hi[t - 1][:, None, :]
