@@ -214,3 +214,29 @@ def test_local_lipschitz_l2_ball_and_tanh() -> None:
     assert (norms <= ref.upper[0] + 1e-10).all()
     at_center = oracle.jacobians(net, x0).detach().norm(dim=-1)[0]
     assert (ref.lower[0] >= at_center - 1e-12).all() and (ref.lower[0] <= ref.upper[0]).all()
+
+
+@pytest.mark.parametrize("norm", ["inf", 2])
+def test_linked_lines_hold_after_input_normalisation(norm) -> None:
+    """auto_LiRPA 0.3's A dictionary misses the constants of ``(x - mean) / std`` in its biases
+    (lines off by 0.3 before the workaround); the offsets recomputed from the concretised bounds
+    keep every line on the right side of z at sampled points of the region."""
+    torch.manual_seed(0)
+    net = nn.Sequential(Normalize(torch.rand(4) - 0.5, 0.3 + torch.rand(4)), nn.Linear(4, 6),
+                        nn.Tanh(), nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    from rj_plugin import JacobianBounder
+
+    bounder = JacobianBounder(net, input_shape=(4,))
+    x0 = torch.rand(1, 4, dtype=torch.float64)
+    p = math.inf if norm == "inf" else 2.0
+    region = bounder.region(x0, 0.1, norm)
+    bounder.bound(region, method="linear")
+    linked = bounder._linked_preactivations(region)
+    assert set(linked.nodes) == {1, 2}
+    xs = oracle.region_points(net, x0[0], 0.1, p, 500, torch.Generator().manual_seed(0))
+    z1 = net[1](net[0](xs))
+    z2 = net[3](torch.tanh(z1))
+    for t, z in ((1, z1), (2, z2)):
+        l_a, l_b, u_a, u_b = linked.nodes[t][:4]
+        assert (xs @ l_a[0].T + l_b[0] <= z + 1e-12).all()
+        assert (z <= xs @ u_a[0].T + u_b[0] + 1e-12).all()
