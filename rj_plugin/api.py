@@ -138,6 +138,19 @@ class JacobianBounds:
         rows = self.lipschitz() if math.isinf(self.region.norm) else None
         return lip.induced_norm_bound(lower, upper, self.region.norm, rows)
 
+    def input_lines(self) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+        """Linear bounds of the Jacobian entries in the input (``method="linear"`` on nets
+        with smooth activations; None otherwise): ``(lo_c, lo_X, hi_c, hi_X)`` with
+        ``lo_c + lo_X . x <= J[j, k](x) <= hi_c + hi_X . x`` for every x of the region;
+        ``*_c: [B, rows, n_in]``, ``*_X: [B, rows, n_in, n_in]`` (input flattened).  Each line
+        is at least as tight as the constant bounds once concretised over the region (see
+        :func:`rj_plugin.recurjac.input_lines`)."""
+        if self.method != "linear" or self._net is None or self._net.linked is None:
+            return None
+        lower, upper = self._flat()
+        return rj.input_lines(self._net, self._backward, self._slack, lower, upper,
+                              self._options.get("max_elements", rj.DEFAULT_MAX_ELEMENTS))
+
     def operator_norm_product(self) -> Tensor:
         """The naive global bound ||W_m[j,:]||_q prod ||W_l||_{p->p} max|sigma'|, ``[rows]``."""
         return lip.operator_norm_product(self._net, self._activation_max, self.region.norm)

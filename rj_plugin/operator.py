@@ -19,10 +19,14 @@ Bounds of the node:
   result is cached for the next call with the same region, compared by value (one CROWN pass asks
   for it several times; a reused perturbation with a new eps or a box moved in place is a new
   region).
-* ``bound_backward``: the interval [J_lo, J_hi] is constant over the region, so for any
-  coefficient tensor A,  A . J >= A+ . J_lo + A- . J_hi  (and the mirror for the upper bound):
-  the node passes zero coefficients to its inputs and returns these constants as bias.  Anything
-  after the node (C @ J, |J| sums, J v products) is then bounded by auto_LiRPA as usual.
+* ``bound_backward``: with constant bounds [J_lo, J_hi] over the region, for any coefficient
+  tensor A,  A . J >= A+ . J_lo + A- . J_hi  (and the mirror for the upper bound): the node
+  passes zero coefficients to its inputs and returns these constants as bias.  With
+  ``method: linear`` on a network with smooth activations the entries have linear bounds in the
+  input, lo_c + lo_X x <= J(x) <= hi_c + hi_X x (:meth:`JacobianBounds.input_lines`); then
+  A . J >= (A+ lo_X + A- hi_X) x + A+ lo_c + A- hi_c, and the x coefficients go to the input
+  node, so auto_LiRPA concretises them jointly over the region.  Anything after the node
+  (C @ J, |J| sums, J v products) is then bounded by auto_LiRPA as usual.
 
 Options: ``BoundedModule(..., bound_opts={"recurjac": {"preact": "crown", "method":
 "recurjac", "alpha_iterations": 20, "alpha_lr": 0.1}})``.
@@ -194,6 +198,8 @@ class BoundRecurJacobian(Bound):
         # node's bounds several times (CROWN: intermediate bounds of what follows the node and
         # the final backward pass; alpha-CROWN: every iteration), so the last result is kept.
         self._cache: tuple[_RegionKey, tuple[Tensor, Tensor]] | None = None
+        self._lines: tuple[_RegionKey, tuple[Tensor, ...] | None] | None = None
+        self._last_bounds = None
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
         with torch.enable_grad():
@@ -223,7 +229,15 @@ class BoundRecurJacobian(Bound):
                      alpha_iterations=o["alpha_iterations"], alpha_lr=o["alpha_lr"])
         shape = (jb.lower.shape[0], jb.lower.shape[1], *self.inputs[0].output_shape[1:])
         self._cache = (key, (jb.lower.reshape(shape), jb.upper.reshape(shape)))
+        self._last_bounds = jb
         return self._cache[1]
+
+    def _input_lines(self) -> tuple[Tensor, ...] | None:
+        """The entries' linear bounds in the input for the cached region (None: constants)."""
+        key = self._cache[0]
+        if self._lines is None or not self._lines[0].same(key):
+            self._lines = (key, self._last_bounds.input_lines())
+        return self._lines[1]
 
     def interval_propagate(self, *v: Any) -> tuple[Tensor, Tensor]:
         return self._region_bounds()
@@ -231,8 +245,15 @@ class BoundRecurJacobian(Bound):
     def bound_backward(self, last_lA: Tensor | None, last_uA: Tensor | None, *x: Any
                        ) -> tuple[list, Tensor | float, Tensor | float]:
         lower, upper = self._region_bounds()
-        return [(None, None), (None, None)], _constant_bias(last_lA, lower, upper), \
-            _constant_bias(last_uA, upper, lower)
+        lines = self._input_lines()
+        if lines is None:
+            return [(None, None), (None, None)], _constant_bias(last_lA, lower, upper), \
+                _constant_bias(last_uA, upper, lower)
+        lo_c, lo_x, hi_c, hi_x = lines
+        in_shape = tuple(self.inputs[0].output_shape[1:])
+        l_coef, l_bias = _linear_terms(last_lA, (lo_c, lo_x), (hi_c, hi_x), lower, in_shape)
+        u_coef, u_bias = _linear_terms(last_uA, (hi_c, hi_x), (lo_c, lo_x), lower, in_shape)
+        return [(l_coef, u_coef), (None, None)], l_bias, u_bias
 
 
 def _constant_bias(A: Tensor | None, favour: Tensor, other: Tensor) -> Tensor | float:
@@ -246,6 +267,25 @@ def _constant_bias(A: Tensor | None, favour: Tensor, other: Tensor) -> Tensor | 
     dims = tuple(range(2, A.dim()))
     return (A.clamp(min=0) * favour.unsqueeze(0)).sum(dims) + \
         (A.clamp(max=0) * other.unsqueeze(0)).sum(dims)
+
+
+def _linear_terms(A: Tensor | None, favour: tuple[Tensor, Tensor], other: tuple[Tensor, Tensor],
+                  like: Tensor, in_shape: tuple[int, ...]) -> tuple[Tensor | None, Tensor | float]:
+    """``A+ . (c + X x) + A- . (c' + X' x)`` split into the x coefficients ``[spec, B, *in]``
+    and the constant ``[spec, B]`` (favour = the lower lines: a lower bound of A . J; favour =
+    the upper lines: an upper bound).  ``*_c``: ``[B, c, n]``, ``*_X``: ``[B, c, n, n]``."""
+    if A is None:
+        return None, 0.0
+    A = A.reshape(A.shape[0], A.shape[1], -1)  # [spec, B, c * n]
+    a_pos, a_neg = A.clamp(min=0), A.clamp(max=0)
+    batch = like.shape[0]
+    flat = [t.reshape(batch, -1) for t in (favour[0], other[0])]
+    bias = (a_pos * flat[0]).sum(-1) + (a_neg * flat[1]).sum(-1)
+    x_fav = favour[1].reshape(batch, -1, favour[1].shape[-1])  # [B, c * n, n]
+    x_oth = other[1].reshape(batch, -1, other[1].shape[-1])
+    coef = torch.einsum("sbe,ben->sbn", a_pos, x_fav) + torch.einsum("sbe,ben->sbn", a_neg,
+                                                                      x_oth)
+    return coef.reshape(A.shape[0], batch, *in_shape), bias
 
 
 register_custom_op(OP_NAME, BoundRecurJacobian)

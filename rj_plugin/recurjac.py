@@ -314,8 +314,8 @@ class LinkedPreactivations:
     x_magnitude: Tensor
 
 
-def linked_upper_sweep(net: JacobianDAG, bounds: BackwardBounds, pending: dict[int, Tensor]
-                       ) -> Tensor:
+def linked_upper_sweep(net: JacobianDAG, bounds: BackwardBounds, pending: dict[int, Tensor],
+                       keep_x: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     r"""Upper bound of  sum_t Q_j(w_t, t)  like :func:`upper_sweep`, with the derivatives of the
     nodes in ``net.linked`` kept as linear functions of the input x.
 
@@ -336,7 +336,9 @@ def linked_upper_sweep(net: JacobianDAG, bounds: BackwardBounds, pending: dict[i
     that floating point cannot push it below the value in exact arithmetic; the other terms are
     RecurJac's and are covered by :func:`rounding_slack`.
 
-    Returns ``[B, c, K]``; ``pending`` is consumed.
+    Returns ``[B, c, K]``; ``pending`` is consumed.  With ``keep_x`` the x coefficients are not
+    concretised: returns ``(const [B, c, K], X [B, c, K, n_0])`` with the upper bound
+    ``const + X . x`` holding at every x of the region (the rounding margin is in ``const``).
     """
     m, linked = net.depth, net.linked
     acc = None
@@ -390,13 +392,58 @@ def linked_upper_sweep(net: JacobianDAG, bounds: BackwardBounds, pending: dict[i
             acc += _rowdot(v, out_edges[t][:, :, None, :])
         for u, pushed in net.push_from(t, v).items():
             pending[u] = pushed if u not in pending else pending[u] + pushed
-    if coef_x is not None:
-        acc = acc + linked.concretize(coef_x)
-        total = abs_acc + ((abs_x + coef_x.abs()) * linked.x_magnitude[:, None, None, :]).sum(-1)
-        n_terms = sum(net.sizes.values()) + net.n_in + 16 * (m + 1)
-        unit = torch.finfo(acc.dtype).eps / 2
-        acc = acc + 4 * (n_terms * unit / (1 - n_terms * unit)) * total
-    return acc
+    if coef_x is None:
+        return (acc, acc.new_zeros(*acc.shape, net.n_in)) if keep_x else acc
+    total = abs_acc + ((abs_x + coef_x.abs()) * linked.x_magnitude[:, None, None, :]).sum(-1)
+    n_terms = sum(net.sizes.values()) + net.n_in + 16 * (m + 1)
+    unit = torch.finfo(acc.dtype).eps / 2
+    acc = acc + 4 * (n_terms * unit / (1 - n_terms * unit)) * total
+    if keep_x:
+        return acc, coef_x
+    return acc + linked.concretize(coef_x)
+
+
+def input_lines(net: JacobianDAG, bounds: BackwardBounds, slack: Tensor, lower: Tensor,
+                upper: Tensor, max_elements: int = DEFAULT_MAX_ELEMENTS
+                ) -> tuple[Tensor, ...] | None:
+    """Linear bounds of every Jacobian entry in the input, from the linked sweep at node 0:
+    ``(lo_const, lo_X, hi_const, hi_X)`` with
+
+        lo_const + lo_X . x <= J[j, k](x) <= hi_const + hi_X . x     for x in the region,
+
+    ``*_const: [B, c, n_0]``, ``*_X: [B, c, n_0, n_0]`` (entry (j, k), then x).  Where a line's
+    maximum (minimum) over the region is no better than the final constant bounds ``lower`` /
+    ``upper`` (``[B, c, n_0]``), the constant is used (X = 0).  ``slack`` (``[B, c, n_0]``) is
+    the rounding margin of the constant bounds, added to the lines too.  ``bounds`` must hold
+    D_t for t >= 1.  None without linked nodes.
+    """
+    if net.linked is None or not net.linked.nodes:
+        return None
+    m, batch, c, n = net.depth, net.batch, net.n_out, net.n_in
+    const = net.output_edges().get(0)
+    base = const if const is not None else torch.zeros(batch, c, n, dtype=slack.dtype,
+                                                       device=slack.device)
+    hi_c, lo_c = base.clone(), base.clone()
+    hi_x = torch.zeros(batch, c, n, n, dtype=slack.dtype, device=slack.device)
+    lo_x = torch.zeros_like(hi_x)
+    if any(t < m for t in net.successors[0]):
+        widest = max(max(net.sizes[t] for t in range(1, m)), n)
+        for cols in _chunks(n, max(1, max_elements // max(1, batch * c * 2 * widest))):
+            k = cols.stop - cols.start
+            out, coef = linked_upper_sweep(net, bounds, _start_vectors(net, 0, cols), keep_x=True)
+            hi_c[:, :, cols] += out[..., :k]
+            hi_x[:, :, cols] = coef[:, :, :k]
+            lo_c[:, :, cols] -= out[..., k:]
+            lo_x[:, :, cols] = -coef[:, :, k:]
+    hi_c, lo_c = hi_c + slack, lo_c - slack
+    concretize = net.linked.concretize
+    hi_better = hi_c + concretize(hi_x) < upper
+    lo_better = lo_c - concretize(-lo_x) > lower
+    hi_c = torch.where(hi_better, hi_c, upper)
+    lo_c = torch.where(lo_better, lo_c, lower)
+    hi_x = torch.where(hi_better[..., None], hi_x, torch.zeros_like(hi_x))
+    lo_x = torch.where(lo_better[..., None], lo_x, torch.zeros_like(lo_x))
+    return lo_c, lo_x, hi_c, hi_x
 
 
 def _chunks(total: int, size: int):

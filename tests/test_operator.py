@@ -100,6 +100,34 @@ def test_spec_matrix_after_the_node_with_crown(net) -> None:
         assert (vals >= lb[b] - 1e-10).all() and (vals <= ub[b] + 1e-10).all()
 
 
+@pytest.mark.parametrize("norm", [math.inf, 2.0])
+def test_linear_method_passes_input_coefficients_and_tightens_c_at_j(net, norm) -> None:
+    """``method: linear`` gives the node linear bounds in the input: C @ J under CROWN must
+    contain the sampled values of C @ J, be no looser than with constant bounds, and tighter on
+    most rows (the lines concretise jointly)."""
+    gen = torch.Generator().manual_seed(2)
+    x0 = torch.rand(2, 4, generator=gen, dtype=DT)
+    C = torch.randn(2, 6, 12, generator=gen, dtype=DT)
+    eps = 0.2
+    results = {}
+    for method in ("recurjac", "linear"):
+        bm = BoundedModule(JacobianOf(net), x0, bound_opts={"recurjac": {"method": method}})
+        bx = BoundedTensor(x0, PerturbationLpNorm(norm=norm, eps=eps))
+        results[method] = bm.compute_bounds(x=(bx,), C=C, method="CROWN")
+        node = next(n for n in bm._modules.values() if type(n).__name__ == "BoundRecurJacobian")
+        lines = node._input_lines()
+        assert (lines is None) == (method == "recurjac")
+    lb, ub = results["linear"]
+    for b in range(2):
+        pts = oracle.region_points(net, x0[b], eps, norm, 1500, gen,
+                                   [(0, 0, 1.0), (1, 2, -1.0), (2, None, 1.0)])
+        vals = oracle.jacobians(net, pts).flatten(1) @ C[b].T
+        assert (vals >= lb[b] - 1e-10).all() and (vals <= ub[b] + 1e-10).all()
+    c_lb, c_ub = results["recurjac"]
+    assert (lb >= c_lb - 1e-12).all() and (ub <= c_ub + 1e-12).all()
+    assert ((ub - lb) < 0.95 * (c_ub - c_lb)).float().mean() > 0.5
+
+
 # ------------------------------------------------------------------------------------------------
 # The node's bound cache is keyed on the region's values (issue #7, item 4)
 
