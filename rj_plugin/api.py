@@ -425,6 +425,20 @@ class JacobianBounder:
                            input_shape=self.input_shape, dtype=self.dtype, device=self.device)
 
 
+def as_bounder(model: nn.Module | str | JacobianBounder, x0=None, lower=None
+               ) -> JacobianBounder:
+    """``model`` itself when it is a :class:`JacobianBounder`, else one built for it (the input
+    shape from the model, or read off ``x0`` / ``lower`` as a batch unless 1-d)."""
+    if isinstance(model, JacobianBounder):
+        return model
+    ref = x0 if x0 is not None else lower
+    shape = getattr(model, "rj_input_shape", None)
+    if shape is None and ref is not None:
+        ref = torch.as_tensor(ref)
+        shape = tuple(ref.shape[1:]) if ref.dim() >= 2 else tuple(ref.shape)
+    return JacobianBounder(model, input_shape=shape)
+
+
 def bound_jacobian(model: nn.Module | str, x0=None, eps=None, norm="inf", *, lower=None,
                    upper=None, preact: str = "crown", method: str = "recurjac",
                    C: Tensor | None = None, global_bounds: bool = False,

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from rj_plugin.api import JacobianBounder
+from rj_plugin.api import JacobianBounder, as_bounder
 from rj_plugin.errors import InputError, UnsupportedLayerError
 from rj_plugin.lirpa import make_perturbation
 from rj_plugin.region import Region
@@ -185,15 +185,7 @@ def exact_lipschitz(model: nn.Module | str | JacobianBounder, x0=None, eps=None,
         InputError: an l_2 region, or a program over the size limit (the error gives the count).
     """
     start = time.perf_counter()
-    if isinstance(model, JacobianBounder):
-        bounder = model
-    else:
-        ref = x0 if x0 is not None else lower
-        shape = getattr(model, "rj_input_shape", None)
-        if shape is None and ref is not None:
-            ref = torch.as_tensor(ref)
-            shape = tuple(ref.shape[1:]) if ref.dim() >= 2 else tuple(ref.shape)
-        bounder = JacobianBounder(model, input_shape=shape)
+    bounder = as_bounder(model, x0, lower)
     _relu_only(bounder)
     region = bounder.region(x0, eps, norm, lower, upper)
     if region.norm == 2.0:

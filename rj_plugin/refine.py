@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from rj_plugin.api import METHODS, JacobianBounder
+from rj_plugin.api import METHODS, JacobianBounder, as_bounder
 from rj_plugin.attacks import project
 from rj_plugin.errors import InputError
 from rj_plugin.lipschitz import dual_norm
@@ -187,15 +187,7 @@ def local_lipschitz(model: nn.Module | str | JacobianBounder, x0=None, eps=None,
         raise InputError("batch must be >= 1 and max_boxes >= 2")
     if time_limit is not None and not time_limit > 0:
         raise InputError(f"time_limit must be > 0 seconds or None, got {time_limit!r}")
-    if isinstance(model, JacobianBounder):
-        bounder = model
-    else:
-        ref = x0 if x0 is not None else lower
-        shape = getattr(model, "rj_input_shape", None)
-        if shape is None and ref is not None:
-            ref = torch.as_tensor(ref)
-            shape = tuple(ref.shape[1:]) if ref.dim() >= 2 else tuple(ref.shape)
-        bounder = JacobianBounder(model, input_shape=shape)
+    bounder = as_bounder(model, x0, lower)
     region = bounder.region(x0, eps, norm, lower, upper)
     if C is not None:
         C = torch.as_tensor(C, dtype=bounder.dtype, device=bounder.device)
