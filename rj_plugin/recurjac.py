@@ -47,6 +47,13 @@ never mix.  All (batch, row, column, upper/lower) sweeps of one node run togethe
 ``[B, c, K, n_t]``.  Soundness needs only z_t(x) in [l_t, u_t] and D_t(x) in [L_t, U_t]
 pointwise for x in the region; nothing assumes the sigma' are independent or non-negative.
 
+Linear (``linear``, :func:`recurjac_backward` with ``linear=True``): the same sweep, but a neuron
+whose D has no certified sign contributes the chord of max(g_lo D, g_hi D) over [L, U] (its slope
+folded, its intercept a constant) instead of a constant; with ``net.linked`` (smooth activations)
+also a sweep that bounds each product D sigma'(z) by a McCormick plane and ties sigma' to the input
+through lines in z and CROWN's lines of z in x (:func:`linked_upper_sweep`).  Every node takes
+the smallest of the sweeps.
+
 Fast-Lip (``fastlip``): D_s = A_{m<-s} + sum_t [D_t] [S_t] A_{t<-s} in interval arithmetic.
 Plain intervals (``interval``): the same products from the input side, Z_t := dz_t/dx,
 Z_t = sum_s A_{t<-s} [S_s] [Z_s] (with S_0 Z_0 = I), J in sum_s A_{m<-s} [S_s] [Z_s].
