@@ -240,3 +240,18 @@ def test_linked_lines_hold_after_input_normalisation(norm) -> None:
         l_a, l_b, u_a, u_b = linked.nodes[t][:4]
         assert (xs @ l_a[0].T + l_b[0] <= z + 1e-12).all()
         assert (z <= xs @ u_a[0].T + u_b[0] + 1e-12).all()
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"branching": "neurons"}, "unknown branching"),
+    ({"method": "interval"}, "method"),
+    ({"rel_gap": -1.0}, "rel_gap"),
+    ({"time_limit": 0.0}, "time_limit"),
+    ({"preact": "crown-x"}, "pre-activation"),
+])
+def test_local_lipschitz_bad_arguments_are_named(kwargs: dict, message: str) -> None:
+    from rj_plugin.errors import InputError
+
+    net = _net("plain", "relu")
+    with pytest.raises(InputError, match=message):
+        local_lipschitz(net, torch.rand(1, 6, dtype=torch.float64), 0.1, **kwargs)
