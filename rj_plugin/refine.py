@@ -204,12 +204,14 @@ def local_lipschitz(model: nn.Module | str | JacobianBounder, x0=None, eps=None,
                 milp is not None and milp[2]):
             first = bounder.bound(sub, preact=preact, method=method, C=C).lipschitz()[0]
             upper = torch.minimum(first, milp[0]) if milp is not None else first
-            lower = milp[1] if milp is not None else gradient_norms(
-                bounder.model, sub.center, C, dual_norm(sub.norm))[0]
+            lower = gradient_norms(bounder.model, sub.center, C, dual_norm(sub.norm))[0]
+            if milp is not None:
+                lower = torch.maximum(lower, milp[1])
             upper = torch.maximum(upper, lower)
             status = "gap" if bool(((upper - lower) <= rel_gap * upper).all()) else "time limit"
-            results.append((upper, lower, first, status, 0, time.perf_counter() - start, [],
-                            ["milp" if milp is not None else "bounds"] * upper.shape[0]))
+            by = ["milp" if milp is not None and bool(m < f) else "bounds"
+                  for m, f in zip(milp[0] if milp is not None else first, first, strict=True)]
+            results.append((upper, lower, first, status, 0, time.perf_counter() - start, [], by))
             continue
         results.append(_refine_one(bounder, sub, C, method, preact, left, rel_gap, batch,
                                    max_boxes, ascent_steps, seed, milp))
@@ -230,20 +232,33 @@ def _neuron_split(bounder: JacobianBounder, region: Region, C: Tensor | None,
     from rj_plugin.exact import exact_lipschitz
 
     with torch.no_grad():
-        rows = bounder.model(region.center).flatten(1).shape[1] if C is None else C.shape[0]
-    per_row = None if time_limit is None else max(0.1, time_limit / rows)
+        n_out = bounder.model(region.center).flatten(1).shape[1]
+    specs = C if C is not None else torch.eye(n_out, dtype=bounder.dtype, device=bounder.device)
     where = ({"lower": region.lower, "upper": region.upper} if region.is_box else
              {"x0": region.center, "eps": region.eps, "norm": region.norm})
-    try:
-        exact = exact_lipschitz(bounder, **where, C=C, time_limit=per_row,
-                                max_binaries=max_binaries)
-    except (RJError, RuntimeError):
-        if required:
-            raise
-        return None
-    upper = exact.upper[0].to(bounder.dtype) * (1 + 1e-6) + 1e-9
-    optimal = all(s == "optimal" for s in exact.status[0])
-    return upper, exact.lower[0].to(bounder.dtype), optimal
+    start = time.perf_counter()
+    uppers, lowers, optimal = [], [], True
+    for j in range(specs.shape[0]):  # one program per row; time left is shared by those left
+        budget = None
+        if time_limit is not None:
+            budget = max(0.1, (time_limit - (time.perf_counter() - start)) / (len(specs) - j))
+        try:
+            exact = exact_lipschitz(bounder, **where, C=specs[j:j + 1], time_limit=budget,
+                                    max_binaries=max_binaries)
+        except RuntimeError:  # HiGHS found no feasible point in time: no bound from it
+            uppers.append(torch.tensor(math.inf, dtype=bounder.dtype))
+            lowers.append(torch.tensor(0.0, dtype=bounder.dtype))
+            optimal = False
+            continue
+        except RJError:  # not a ReLU net, or over the size limit
+            if required:
+                raise
+            return None
+        uppers.append(exact.upper[0, 0].to(bounder.dtype) * (1 + 1e-6) + 1e-9)
+        lowers.append(exact.lower[0, 0].to(bounder.dtype))
+        optimal = optimal and exact.status[0][0] == "optimal"
+    device = bounder.device
+    return torch.stack(uppers).to(device), torch.stack(lowers).to(device), optimal
 
 
 def _refine_one(bounder: JacobianBounder, region: Region, C: Tensor | None, method: str,
