@@ -45,6 +45,27 @@ class Region:
         return Region(self.center[index], self.norm, self.eps, pick(self.lower), pick(self.upper),
                       self.unbounded)
 
+    def support(self, coef: Tensor) -> Tensor:
+        """max over the region of coef . x, per input of the batch: ``coef [B, ..., n]`` (x
+        flattened to n) -> ``[B, ...]``.  A box: coef . mid + |coef| . half; an l_p ball:
+        coef . x0 + eps ||coef||_q (q the dual norm)."""
+        if self.unbounded:
+            raise ValueError("the whole input space has no finite support function")
+        shape = (coef.shape[0],) + (1,) * (coef.dim() - 2) + (-1,)
+        if self.is_box:
+            lo, hi = self.lower.flatten(1), self.upper.flatten(1)
+            return ((coef * ((lo + hi) / 2).reshape(shape)).sum(-1)
+                    + (coef.abs() * ((hi - lo) / 2).reshape(shape)).sum(-1))
+        dual = {1.0: math.inf, 2.0: 2.0, math.inf: 1.0}[self.norm]
+        return (coef * self.center.flatten(1).reshape(shape)).sum(-1) + self.eps * \
+            torch.linalg.vector_norm(coef, ord=dual, dim=-1)
+
+    def magnitude(self) -> Tensor:
+        """A bound on |x| over the region, entrywise: ``[B, n]`` (x flattened)."""
+        if self.is_box:
+            return torch.maximum(self.lower.flatten(1).abs(), self.upper.flatten(1).abs())
+        return self.center.flatten(1).abs() + self.eps
+
     def describe(self) -> dict:
         """A JSON-friendly description (for result files)."""
         if self.unbounded:
