@@ -202,25 +202,34 @@ def local_lipschitz(model: nn.Module | str | JacobianBounder, x0=None, eps=None,
         left = None if time_limit is None else time_limit - (time.perf_counter() - start)
         if branching == "neuron" or (left is not None and left <= 0) or (
                 milp is not None and milp[2]):
-            first = bounder.bound(sub, preact=preact, method=method, C=C).lipschitz()[0]
-            upper = torch.minimum(first, milp[0]) if milp is not None else first
-            lower = gradient_norms(bounder.model, sub.center, C, dual_norm(sub.norm))[0]
-            if milp is not None:
-                lower = torch.maximum(lower, milp[1])
-            upper = torch.maximum(upper, lower)
-            status = "gap" if bool(((upper - lower) <= rel_gap * upper).all()) else "time limit"
-            by = ["milp" if milp is not None and bool(m < f) else "bounds"
-                  for m, f in zip(milp[0] if milp is not None else first, first, strict=True)]
-            results.append((upper, lower, first, status, 0, time.perf_counter() - start, [], by))
-            continue
-        results.append(_refine_one(bounder, sub, C, method, preact, left, rel_gap, batch,
-                                   max_boxes, ascent_steps, seed, milp))
+            results.append(_without_splitting(bounder, sub, C, method, preact, milp, rel_gap,
+                                              start))
+        else:
+            results.append(_refine_one(bounder, sub, C, method, preact, left, rel_gap, batch,
+                                       max_boxes, ascent_steps, seed, milp))
     return LocalLipschitz(torch.stack([r[0] for r in results]),
                           torch.stack([r[1] for r in results]),
                           torch.stack([r[2] for r in results]),
                           [r[3] for r in results], [r[4] for r in results],
                           [r[5] for r in results], region.norm, method,
                           [r[6] for r in results], [r[7] for r in results])
+
+
+def _without_splitting(bounder: JacobianBounder, region: Region, C: Tensor | None, method: str,
+                       preact: str, milp: tuple[Tensor, Tensor, bool] | None, rel_gap: float,
+                       start: float) -> tuple:
+    """The result without input splitting: the one-pass bound, the neuron-splitting program's
+    bounds where there are some, and the gradient norm at the centre."""
+    first = bounder.bound(region, preact=preact, method=method, C=C).lipschitz()[0]
+    lower = gradient_norms(bounder.model, region.center, C, dual_norm(region.norm))[0]
+    upper, by = first, ["bounds"] * first.shape[0]
+    if milp is not None:
+        upper = torch.minimum(first, milp[0])
+        lower = torch.maximum(lower, milp[1])
+        by = ["milp" if bool(m < f) else "bounds" for m, f in zip(milp[0], first, strict=True)]
+    upper = torch.maximum(upper, lower)  # an attained value above the bound: keep it (rounding)
+    status = "gap" if bool(((upper - lower) <= rel_gap * upper).all()) else "time limit"
+    return upper, lower, first, status, 0, time.perf_counter() - start, [], by
 
 
 def _neuron_split(bounder: JacobianBounder, region: Region, C: Tensor | None,
