@@ -321,6 +321,42 @@ class LinkedPreactivations:
     x_magnitude: Tensor
 
 
+def _linked_step(net: JacobianDAG, bounds: BackwardBounds, t: int, w: Tensor
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """One linked node of :func:`linked_upper_sweep` for vectors ``w [B, c, K, n_t]``.
+
+    Returns ``(part [B, c, K], v [B, c, K, n_t], step_x [B, c, K, n_0], abs_x, abs_part)``: the
+    constant terms, the folded vector, the x coefficients, and the absolute values of the x
+    coefficients and constant terms (for the rounding margin).
+    """
+    l_a, l_b, u_a, u_b, alpha_lo, beta_lo, alpha_hi, beta_hi, ref = (
+        net.linked.nodes[t][:4] + tuple(x[:, None, None, :] for x in net.linked.nodes[t][4:]))
+    d_lo = bounds.lower[t][:, :, None, :]  # [B, c, 1, n]: L
+    d_hi = bounds.upper[t][:, :, None, :]  # U
+    a = net.g_lo[t - 1][:, None, None, :]
+    b = net.g_hi[t - 1][:, None, None, :]
+    near_a = (ref - a) <= (b - ref)  # the plane exact at s = a, else the one exact at s = b
+    coef_d = torch.where(near_a, a, b)  # [B, 1, 1, n]
+    coef_s = torch.where(near_a == (w > 0), d_hi, d_lo)  # U or L: [B, c, K, n]
+    v = w * coef_d  # the plane's D term, folded downstream
+    k_s = w * coef_s  # the plane's s term
+    above = k_s > 0  # s <= alpha_hi z + beta_hi, else s >= alpha_lo z + beta_lo
+    beta = torch.where(above, beta_hi, beta_lo)
+    k_z = k_s * torch.where(above, alpha_hi, alpha_lo)
+    k_pos, k_neg = k_z.clamp(min=0), k_z.clamp(max=0)  # z <= uA x + ub, z >= lA x + lb
+    product = v * coef_s
+    part = (k_s * beta - product).sum(-1) + _rowdot(k_pos, u_b[:, None, None, :]) + _rowdot(
+        k_neg, l_b[:, None, None, :])
+    batch, c, k, n = k_z.shape
+    flat_pos, flat_neg = k_pos.reshape(batch, c * k, n), k_neg.reshape(batch, c * k, n)
+    step_x = (flat_pos @ u_a + flat_neg @ l_a).reshape(batch, c, k, -1)
+    abs_x = (flat_pos @ u_a.abs() - flat_neg @ l_a.abs()).reshape(batch, c, k, -1)
+    abs_part = (product.abs().sum(-1) + (k_s * beta).abs().sum(-1)
+                + _rowdot(k_pos, u_b.abs()[:, None, None, :])
+                - _rowdot(k_neg, l_b.abs()[:, None, None, :]))
+    return part, v, step_x, abs_x, abs_part
+
+
 def linked_upper_sweep(net: JacobianDAG, bounds: BackwardBounds, pending: dict[int, Tensor],
                        keep_x: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     r"""Upper bound of  sum_t Q_j(w_t, t)  like :func:`upper_sweep`, with the derivatives of the
@@ -363,35 +399,9 @@ def linked_upper_sweep(net: JacobianDAG, bounds: BackwardBounds, pending: dict[i
             part = _rowdot(w, worst_neg) + _rowdot(w_pos, worst_pos - worst_neg)
             v = (w * fold_neg).addcmul_(w_pos, fold_pos - fold_neg)
         else:
-            l_a, l_b, u_a, u_b, alpha_lo, beta_lo, alpha_hi, beta_hi, ref = linked.nodes[t]
-            abs_l_a, abs_u_a = l_a.abs(), u_a.abs()
-            d_lo = bounds.lower[t][:, :, None, :]  # [B, c, 1, n]
-            d_hi = bounds.upper[t][:, :, None, :]
-            a = net.g_lo[t - 1][:, None, None, :]
-            b = net.g_hi[t - 1][:, None, None, :]
-            near_a = (ref[:, None, None, :] - a) <= (b - ref[:, None, None, :])
-            coef_d = torch.where(near_a, a, b)  # [B, 1, 1, n]
-            positive = w > 0
-            coef_s = torch.where(near_a == positive, d_hi, d_lo)  # U or L: [B, c, K, n]
-            v = w * coef_d
-            k_s = w * coef_s
-            part = -(v * coef_s).sum(-1)
-            above = k_s > 0  # s <= alpha_hi z + beta_hi, else s >= alpha_lo z + beta_lo
-            beta = torch.where(above, beta_hi[:, None, None, :], beta_lo[:, None, None, :])
-            part = part + (k_s * beta).sum(-1)
-            k_z = k_s * torch.where(above, alpha_hi[:, None, None, :], alpha_lo[:, None, None, :])
-            k_pos, k_neg = k_z.clamp(min=0), k_z.clamp(max=0)
-            part = part + _rowdot(k_pos, u_b[:, None, None, :]) + _rowdot(k_neg, l_b[:, None,
-                                                                                   None, :])
-            batch, c, k, n = k_z.shape
-            flat_pos, flat_neg = k_pos.reshape(batch, c * k, n), k_neg.reshape(batch, c * k, n)
-            step_x = (flat_pos @ u_a + flat_neg @ l_a).reshape(batch, c, k, -1)
+            part, v, step_x, step_abs, mag = _linked_step(net, bounds, t, w)
             coef_x = step_x if coef_x is None else coef_x + step_x
-            step_abs = (flat_pos @ abs_u_a - flat_neg @ abs_l_a).reshape(batch, c, k, -1)
             abs_x = step_abs if abs_x is None else abs_x + step_abs
-            mag = ((v * coef_s).abs().sum(-1) + (k_s * beta).abs().sum(-1)
-                   + _rowdot(k_pos, u_b.abs()[:, None, None, :])
-                   - _rowdot(k_neg, l_b.abs()[:, None, None, :]))
             abs_acc = mag if abs_acc is None else abs_acc + mag
         acc = part if acc is None else acc + part
         del w
