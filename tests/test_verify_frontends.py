@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import os
 import shutil
 import subprocess
@@ -97,6 +98,12 @@ def hook_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """Child processes can import this module (for ``--verifier tests...``)."""
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
         p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
+
+
+def options_echo_verifier(onnx: str, vnnlib: str, timeout_s: float, options: dict) -> object:
+    """Answers unknown and records the options the instance process was given."""
+    return {"answer": "unknown", "witness": None, "stage": "echo", "seconds": 0.0,
+            "details": {"options_seen": options}}
 
 
 def _tiny_bench(tmp_path: Path, names: tuple[str, ...], timeout: float = 60,
@@ -417,6 +424,20 @@ def test_serial_and_ray_give_the_same_answers(tmp_path: Path, hook_env: None) ->
         assert (folder / "run.json").is_file() and (folder / "score.json").is_file()
     # rj score on the runner's output agrees with the runner's own summary
     assert score_results(tmp_path / "ray" / "results.csv", [bench]).total_points == 20
+
+
+@needs_data
+def test_suite_overrides_reach_every_instance_process(tmp_path: Path, hook_env: None) -> None:
+    """``rj vnncomp --set`` must reach each instance's own process (it once stopped at the
+    suite's summary: a "LiRPA only" run still ran the Jacobian stage)."""
+    bench = _tiny_bench(tmp_path, ("test_sat",))
+    quiet = open(os.devnull, "w")  # noqa: SIM115
+    run_vnncomp([bench], tmp_path / "out", jobs=1, verifier=f"{HERE}:options_echo_verifier",
+                overrides=["solver.jacobian=false", "attack.random_points=7"], progress=False,
+                out=quiet)
+    record = json.loads((tmp_path / "out" / "test" / "test_sat__test_prop.json").read_text())
+    seen = record["details"]["options_seen"]
+    assert seen["jacobian"] is False and seen["random_points"] == 7
 
 
 # -- the VNN-COMP shell scripts -----------------------------------------------------------------

@@ -318,7 +318,8 @@ def run_instance_job(job: dict[str, Any]) -> dict[str, Any]:
     """Run one instance as an ``rj verify`` process with a hard wall-clock limit.
 
     ``job`` (plain data, so that it travels to Ray workers): ``onnx_path``, ``vnnlib_path``,
-    ``timeout`` (the scaled budget), ``category``, ``config`` (a path or None), ``verifier``
+    ``timeout`` (the scaled budget), ``category``, ``config`` (a path or None), ``overrides``
+    (``section.key=value`` strings for ``--set``), ``verifier``
     (None: the default), ``grace`` (seconds past the budget before the kill), ``threads``,
     ``pythonpath`` (prepended to the child's PYTHONPATH, or None).
 
@@ -336,6 +337,8 @@ def run_instance_job(job: dict[str, Any]) -> dict[str, Any]:
                "--clock-start", repr(start), "--category", job["category"]]
         if job.get("config"):
             cmd += ["--config", job["config"]]
+        if job.get("overrides"):  # --set of the suite run: every instance gets it
+            cmd += ["--set", *job["overrides"]]
         if job.get("verifier"):
             cmd += ["--verifier", job["verifier"]]
         env = dict(os.environ)
@@ -544,8 +547,9 @@ def run_vnncomp(bench_dirs: Sequence[str | Path], output: str | Path | None = No
                 (output / inst.benchmark / f"{inst.stem}{suffix}").unlink(missing_ok=True)
             job = {"onnx_path": str(inst.onnx_path), "vnnlib_path": str(inst.vnnlib_path),
                    "timeout": inst.timeout * timeout_scale, "category": inst.benchmark,
-                   "config": cfg_path, "verifier": verifier, "grace": grace,
-                   "threads": max(1, int(cpus_per_task)), "pythonpath": pythonpath}
+                   "config": cfg_path, "overrides": list(overrides), "verifier": verifier,
+                   "grace": grace, "threads": max(1, int(cpus_per_task)),
+                   "pythonpath": pythonpath}
             jobs_list.append((inst, cfg, job, time.perf_counter() - t0))
     run_started = time.time()
     done: dict[int, dict[str, Any]] = {}
