@@ -83,6 +83,10 @@ DEFAULT_MAX_ELEMENTS = 1 << 19
 
 Edge = tuple[int, int]
 
+# Elements of the per-entry input lines of :func:`input_lines` ([B, c, n_0, n_0] twice) allowed
+# (2 GiB in float64); beyond, the operator falls back to constant bounds.
+MAX_LINE_ELEMENTS = 1 << 28
+
 
 @dataclass
 class JacobianDAG:
@@ -432,11 +436,14 @@ def input_lines(net: JacobianDAG, bounds: BackwardBounds, slack: Tensor, lower: 
     maximum (minimum) over the region is no better than the final constant bounds ``lower`` /
     ``upper`` (``[B, c, n_0]``), the constant is used (X = 0).  ``slack`` (``[B, c, n_0]``) is
     the rounding margin of the constant bounds, added to the lines too.  ``bounds`` must hold
-    D_t for t >= 1.  None without linked nodes.
+    D_t for t >= 1.  None without linked nodes, or when the two ``X`` tensors would exceed
+    ``MAX_LINE_ELEMENTS`` elements (then the constant bounds serve).
     """
     if net.linked is None or not net.linked.nodes:
         return None
     m, batch, c, n = net.depth, net.batch, net.n_out, net.n_in
+    if 2 * batch * c * n * n > MAX_LINE_ELEMENTS:  # the X tensors would not fit: constants
+        return None
     const = net.output_edges().get(0)
     base = const if const is not None else torch.zeros(batch, c, n, dtype=slack.dtype,
                                                        device=slack.device)
