@@ -10,11 +10,10 @@ count as solved (score them with ``rj score`` for right / wrong).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from rj_plugin.verify.runner import cactus_plot
+from rj_plugin.verify.runner import cactus_plot, run_label
 from rj_plugin.verify.score import read_results_csv
 
 
@@ -23,12 +22,6 @@ def solved_times(folder: Path) -> list[float]:
     return [r.run_time for r in read_results_csv(folder / "results.csv")
             if r.result in ("sat", "unsat")]
 
-
-def label_of(folder: Path) -> str:
-    try:
-        return str(json.loads((folder / "run.json").read_text())["label"])
-    except (OSError, ValueError, KeyError):
-        return folder.name
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         if not (path / "results.csv").is_file():
             print(f"error: {path / 'results.csv'} does not exist", file=sys.stderr)
             return 2
-        lines[label or label_of(path)] = solved_times(path)
+        lines[label or run_label(path)] = solved_times(path)
     cactus_plot(lines, args.output, args.title)
     print(f"wrote {args.output}")
     return 0

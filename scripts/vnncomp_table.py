@@ -15,15 +15,11 @@ import json
 import sys
 from pathlib import Path
 
+from rj_plugin.verify.runner import run_label
+
 COLUMNS = ("instances", "right", "wrong", "unknown", "timeout", "error", "unchecked", "points",
            "median_time", "total_time")
 
-
-def label_of(folder: Path) -> str:
-    try:
-        return str(json.loads((folder / "run.json").read_text())["label"])
-    except (OSError, ValueError, KeyError):
-        return folder.name
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: cannot read {path}: {err}", file=sys.stderr)
             return 2
         for bench in report["benchmarks"]:
-            rows.append((bench["category"], label or label_of(Path(folder)), bench))
+            rows.append((bench["category"], label or run_label(Path(folder)), bench))
     rows.sort(key=lambda r: r[0])
     print("| benchmark | configuration | " + " | ".join(COLUMNS) + " |")
     print("|---|---|" + "---|" * len(COLUMNS))

@@ -445,7 +445,8 @@ def cactus_plot(lines: dict[str, list[float]], path: Path, title: str = "") -> P
     return _save(fig, path)
 
 
-def _run_label(run_dir: Path) -> str:
+def run_label(run_dir: Path) -> str:
+    """The ``label`` of an output folder's ``run.json``, or the folder's name."""
     import json
 
     try:
@@ -649,7 +650,7 @@ def run_vnncomp(bench_dirs: Sequence[str | Path], output: str | Path | None = No
     others = [d for d in sorted(output.iterdir()) if d.is_dir() and (d / "run.json").is_file()
               and (d / "results.csv").is_file()] + compare_dirs
     for d in others:
-        name = _run_label(d)
+        name = run_label(d)
         while name in lines:
             name += "'"
         lines[name] = _solved_times(d / "results.csv")
