@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from rj_plugin.errors import InputError
-from rj_plugin.lipschitz import parse_norm
+from rj_plugin.lipschitz import dual_norm, parse_norm
 
 
 @dataclass(frozen=True)
@@ -56,9 +56,8 @@ class Region:
             lo, hi = self.lower.flatten(1), self.upper.flatten(1)
             return ((coef * ((lo + hi) / 2).reshape(shape)).sum(-1)
                     + (coef.abs() * ((hi - lo) / 2).reshape(shape)).sum(-1))
-        dual = {1.0: math.inf, 2.0: 2.0, math.inf: 1.0}[self.norm]
         return (coef * self.center.flatten(1).reshape(shape)).sum(-1) + self.eps * \
-            torch.linalg.vector_norm(coef, ord=dual, dim=-1)
+            torch.linalg.vector_norm(coef, ord=dual_norm(self.norm), dim=-1)
 
     def magnitude(self) -> Tensor:
         """A bound on |x| over the region, entrywise: ``[B, n]`` (x flattened)."""

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from rj_plugin import plots
+from rj_plugin import plots, refine
 from rj_plugin.lipschitz import dual_norm
 from rj_plugin.refine import local_lipschitz
 from rj_plugin.tasks.base import Column, Record, Task, fmt, ok_records, short_id
@@ -38,9 +38,7 @@ from rj_plugin.tasks.jacobian import region_summary
 
 def gradient_norms(ctx: RunContext, x0: Tensor, C: Tensor) -> Tensor:
     """``||C J_f(x0)||_q`` per row: the true local gradient norms at x0, ``[rows]``."""
-    x = x0[None].detach().clone().requires_grad_(True)
-    jac = torch.autograd.functional.jacobian(lambda z: ctx.model(z)[0] @ C.T, x)
-    return jac.reshape(C.shape[0], -1).norm(p=dual_norm(ctx.norm), dim=1)
+    return refine.gradient_norms(ctx.model, x0[None], C, dual_norm(ctx.norm))[0]
 
 
 def curve_radii(opts: dict[str, Any]) -> list[float]:
