@@ -397,7 +397,35 @@ class JacobianBounder:
                 continue
             lo, hi = pre[act.input_node]
             nodes[t] = (*lines[act.input_node], *act.activation.linear_derivative_bounds(lo, hi))
-        return rj.LinkedPreactivations(nodes, region.support, region.magnitude())
+        forward = self._forward_lines(region, pre, max(nodes)) if nodes else None
+        return rj.LinkedPreactivations(nodes, region.support, region.magnitude(), forward)
+
+    def _forward_lines(self, region: Region, pre: dict[str, tuple[Tensor, Tensor]], last: int
+                       ) -> rj.ForwardLines | None:
+        """The network around its value at the region's centre, activations 1..``last``
+        (see :class:`~rj_plugin.recurjac.ForwardLines`); None where one of them has no lines."""
+        acts = self.jacobian_graph.activations[:last]
+        if not all(a.activation.has_linear_relaxation for a in acts):
+            return None
+        module, batch = self.graph.module, region.batch
+        with torch.no_grad():
+            module(region.center)
+        x_center = region.center.reshape(batch, -1)
+        # |dh_s| bounds: |x - x_c| <= |x| + |x_c|, and |dh_t| <= sup|sigma_t'| |dz_t|
+        h_spread = {0: region.magnitude() + x_center.abs()}
+        z_center, lines, z_spread, reach = {}, {}, {}, {}
+        for t, act in enumerate(acts, start=1):
+            lo, hi = pre[act.input_node]
+            zc = module[act.input_node].forward_value.detach().reshape(batch, -1)
+            hc = module[act.node].forward_value.detach().reshape(batch, -1)
+            a_lo, c_lo, a_hi, c_hi = act.activation.linear_relaxation(lo, hi)
+            lines[t] = (a_lo, a_lo * zc + c_lo - hc, a_hi, a_hi * zc + c_hi - hc)
+            z_center[t] = zc
+            z_spread[t] = torch.maximum(hi - zc, zc - lo).clamp(min=0)
+            h_spread[t] = act.activation.max_abs_derivative * z_spread[t]
+            reach[t] = sum((h_spread[s] @ a.abs().T for (s, u), a in self.edges.items()
+                            if u == t), torch.zeros_like(zc))
+        return rj.ForwardLines(x_center, z_center, lines, z_spread, reach)
 
     def region(self, x0=None, eps=None, norm="inf", lower=None, upper=None,
                unbounded: bool = False) -> Region:

@@ -58,6 +58,10 @@ class Activation:
         derivative: sigma' itself, for the smooth activations whose derivative is Lipschitz
             (None otherwise); with ``max_abs_second`` = sup |sigma''| and ``max_abs_third`` =
             sup |sigma'''| it gives the linear bounds of :meth:`linear_derivative_bounds`.
+        function: sigma itself (None where the plugin has no lines of it); with ``kinks`` (the
+            breakpoints of a piecewise linear sigma) or ``max_abs_second`` it gives the lines
+            of :meth:`linear_relaxation`.
+        kinks: the breakpoints of a piecewise linear sigma, else None.
     """
 
     name: str
@@ -66,6 +70,8 @@ class Activation:
     derivative: Callable[[Tensor], Tensor] | None = None
     max_abs_second: float | None = None
     max_abs_third: float | None = None
+    function: Callable[[Tensor], Tensor] | None = None
+    kinks: tuple[float, ...] | None = None
 
     @property
     def linear_derivative(self) -> bool:
@@ -124,6 +130,77 @@ class Activation:
         mid = self.derivative((lower + upper) / 2)
         return (alphas.gather(-1, lo_pick)[..., 0], beta_lo.gather(-1, lo_pick)[..., 0],
                 alphas.gather(-1, hi_pick)[..., 0], beta_hi.gather(-1, hi_pick)[..., 0], mid)
+
+    @property
+    def has_linear_relaxation(self) -> bool:
+        """Whether :meth:`linear_relaxation` is available (sigma itself known, and either its
+        kinks (piecewise linear) or its smoothness constants)."""
+        return self.function is not None and (
+            self.kinks is not None or self.max_abs_second is not None)
+
+    def linear_relaxation(self, lower: Tensor, upper: Tensor, samples: int = 33
+                          ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        r"""Lines below and above sigma itself over [l, u]: ``(a_lo, c_lo, a_hi, c_hi)``, each
+        like ``lower`` (finite bounds only), with
+
+            a_lo z + c_lo <= sigma(z) <= a_hi z + c_hi       for every z in [l, u].
+
+        For a slope a the offsets are the min and max of h(z) = sigma(z) - a z over [l, u]:
+
+        * piecewise linear sigma (``kinks`` given): h is piecewise linear, so its extremes are
+          among its values at l, u and the kinks inside: exact;
+        * smooth sigma: from ``samples`` equally spaced values delta apart, widened by the
+          smaller of M2 delta^2 / 8 (M2 = sup|sigma''| bounds h'') and (M1 + |a|) delta / 2
+          (M1 = sup|sigma'|), as in :meth:`linear_derivative_bounds`.
+
+        A few ulps of the magnitudes widen both for rounding.  Slopes tried: the chord's,
+        sigma' at l, u (or the derivative range's ends) and the midpoint, and for smooth sigma the
+        four quarter chords; also the flat lines [sigma(l), sigma(u)] (every activation with
+        lines is non-decreasing).  The upper line is the one lowest at the midpoint (least mean
+        over [l, u]), the lower line the one highest there; where l = u both are exact.
+        """
+        if not self.has_linear_relaxation:
+            raise ValueError(f"{self.name}: no linear relaxation")
+        fn = self.function
+        width = upper - lower
+        safe = torch.where(width > 0, width, torch.ones_like(width))
+        f_lo, f_hi = fn(lower), fn(upper)
+        g_lo, g_hi = self.bounds(lower, upper)
+        slopes = [(f_hi - f_lo) / safe, g_lo, g_hi]
+        if self.kinks is not None:
+            z = torch.stack([lower, upper] + [torch.minimum(torch.maximum(
+                torch.full_like(lower, k), lower), upper) for k in self.kinks], -1)
+            values = fn(z)
+        else:
+            steps = torch.linspace(0, 1, samples, dtype=lower.dtype, device=lower.device)
+            z = lower[..., None] + width[..., None] * steps  # [..., samples]
+            values = fn(z)
+            quarter = (samples - 1) // 4
+            knots = values[..., ::quarter]
+            if self.derivative is not None:  # tangents at the ends and the midpoint
+                slopes += [self.derivative(lower), self.derivative(upper),
+                           self.derivative((lower + upper) / 2)]
+            slopes += [(knots[..., i + 1] - knots[..., i]) * 4 / safe for i in range(4)]
+        alphas = torch.stack(slopes, -1)  # [..., S]
+        alphas = torch.where((width > 0)[..., None], alphas, torch.zeros_like(alphas))
+        h = values[..., None, :] - alphas[..., None] * z[..., None, :]  # [..., S, points]
+        scale = 1.0 + values.abs().amax(-1, keepdim=True) + alphas.abs() * torch.maximum(
+            lower.abs(), upper.abs())[..., None]
+        margin = 16 * torch.finfo(lower.dtype).eps * scale
+        if self.kinks is None:
+            delta = width[..., None] / (samples - 1)
+            margin = margin + torch.minimum(self.max_abs_second * delta * delta / 8,
+                                            (self.max_abs_derivative + alphas.abs()) * delta / 2)
+        zero = torch.zeros_like(width)[..., None]
+        tiny = 16 * torch.finfo(lower.dtype).eps * (1.0 + f_lo.abs() + f_hi.abs())
+        alphas = torch.cat([alphas, zero], -1)
+        c_lo = torch.cat([h.amin(-1) - margin, (f_lo - tiny)[..., None]], -1)
+        c_hi = torch.cat([h.amax(-1) + margin, (f_hi + tiny)[..., None]], -1)
+        center = ((lower + upper) / 2)[..., None]
+        hi_pick = (alphas * center + c_hi).argmin(-1, keepdim=True)
+        lo_pick = (alphas * center + c_lo).argmax(-1, keepdim=True)
+        return (alphas.gather(-1, lo_pick)[..., 0], c_lo.gather(-1, lo_pick)[..., 0],
+                alphas.gather(-1, hi_pick)[..., 0], c_hi.gather(-1, hi_pick)[..., 0])
 
     def bounds(self, lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor]:
         """Derivative bounds ``(g_lo, g_hi)`` over ``[lower, upper]``, elementwise, same shape."""
@@ -248,7 +325,9 @@ def get_activation(name: str) -> Activation:
         slope = float(param)
         if slope < 0:
             raise UnsupportedLayerError(f"leaky ReLU slope {slope} < 0 is not monotone")
-        act = Activation(name, _piecewise_linear_rule(slope, 1.0), max(1.0, slope))
+        act = Activation(name, _piecewise_linear_rule(slope, 1.0), max(1.0, slope),
+                         function=lambda z: torch.nn.functional.leaky_relu(z, slope),
+                         kinks=(0.0,))
     elif kind == "elu" and param:
         alpha = float(param)
         if not 0 <= alpha <= 1:
@@ -263,7 +342,7 @@ def get_activation(name: str) -> Activation:
 
 
 for _act in (
-    Activation("relu", _piecewise_linear_rule(0.0, 1.0), 1.0),
+    Activation("relu", _piecewise_linear_rule(0.0, 1.0), 1.0, function=torch.relu, kinks=(0.0,)),
     # sup|sigma''| and sup|sigma'''| (see linear_derivative_bounds), rounded up.  tanh'' =
     # -2 tanh sech^2, max 4 / (3 sqrt 3) at tanh^2 = 1/3; sigmoid'' = s (1 - s)(1 - 2 s), max
     # 1 / (6 sqrt 3); arctan'' = -2 z / (1 + z^2)^2, max 3 sqrt 3 / 8 at z^2 = 1/3.  With
@@ -273,12 +352,13 @@ for _act in (
     # torch's softplus' jumps from sigmoid(20) to 1 at its threshold, so no smoothness margin
     # holds across it.
     Activation("tanh", _even_unimodal_rule(_tanh_prime, 1.0), 1.0, _tanh_prime, 0.76980036,
-               2.0),
+               2.0, torch.tanh),
     Activation("sigmoid", _even_unimodal_rule(_sigmoid_prime, 0.25), 0.25, _sigmoid_prime,
-               0.09622505, 0.125),
+               0.09622505, 0.125, torch.sigmoid),
     Activation("arctan", _even_unimodal_rule(_arctan_prime, 1.0), 1.0, _arctan_prime,
-               0.64951906, 2.0),
+               0.64951906, 2.0, torch.atan),
     Activation("softplus", _softplus_rule, 1.0),
-    Activation("hardtanh", _hardtanh_rule, 1.0),
+    Activation("hardtanh", _hardtanh_rule, 1.0, function=torch.nn.functional.hardtanh,
+               kinks=(-1.0, 1.0)),
 ):
     register_activation(_act)

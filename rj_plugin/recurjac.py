@@ -318,20 +318,103 @@ class LinkedPreactivations:
     ``ref`` = sigma_t' at the interval's midpoint (``[B, n_t]`` each).  ``concretize(X)``
     returns max over the region of X . x for coefficients ``X: [B, c, K, n_0]`` -> ``[B, c, K]``;
     ``x_magnitude``: ``[B, n_0]``, a bound on |x| over the region (for the rounding margin).
+    ``forward``: the forward network's lines around the centre (:class:`ForwardLines`), when
+    every activation below the last node in ``nodes`` has lines; then the z coefficients are
+    also back-substituted jointly (:func:`_joint_back_substitution`) and the smaller bound kept.
     """
 
     nodes: dict[int, tuple[Tensor, ...]]
     concretize: Callable[[Tensor], Tensor]
     x_magnitude: Tensor
+    forward: ForwardLines | None = None
+
+
+@dataclass
+class ForwardLines:
+    r"""The forward network around its value at the centre x_c, for the joint back-substitution
+    of :func:`linked_upper_sweep` (:func:`_joint_back_substitution`).
+
+    With dz_t = z_t(x) - z_t(x_c) and dh_t = h_t(x) - h_t(x_c) (dh_0 = x - x_c), the affine maps
+    give  dz_t = sum_s A_{t<-s} dh_s  exactly (the biases cancel), and for activation nodes t:
+
+        a_lo dz_t + d_lo <= dh_t <= a_hi dz_t + d_hi       (``lines[t]``, each ``[B, n_t]``)
+
+    for every x of the region: sigma_t's lines over the pre-activation interval, shifted to the
+    centre (d_hi = a_hi z_c + c_hi - sigma(z_c) >= 0, d_lo <= 0).  ``z_center[t]``, ``[B, n_t]``;
+    ``x_center``, ``[B, n_0]``.  For the rounding margin: ``z_spread[t]`` bounds |dz_t| and
+    ``reach[t] = sum_s |A_{t<-s}| bound(|dh_s|)`` (``[B, n_t]``), so that |E . dz_t|-type errors
+    of the matrix products are covered.  Nodes 1..T, T the last node with lines.
+    """
+
+    x_center: Tensor
+    z_center: dict[int, Tensor]
+    lines: dict[int, tuple[Tensor, Tensor, Tensor, Tensor]]
+    z_spread: dict[int, Tensor]
+    reach: dict[int, Tensor]
+
+
+def _joint_back_substitution(net: JacobianDAG, k_z: dict[int, Tensor]
+                             ) -> tuple[Tensor, Tensor, Tensor]:
+    r"""Upper bound of  sum_t k_z[t] . z_t(x)  (``k_z[t]: [B, c, K, n_t]``) as  const + X . x,
+    by one back-substitution through the forward network (CROWN's way, but for all the nodes'
+    coefficients together).
+
+    Write sum_t k_t . z_t = sum_t k_t . z_t(x_c) + sum_t k_t . dz_t.  From the last node down,
+    the coefficient of dz_t is Lambda_t = k_t + a_hi H_t^+ + a_lo H_t^-, where H_t is the
+    coefficient that the later nodes put on dh_t (H_t = sum_u Lambda_u A_{u<-t}) and its positive
+    and negative parts take the upper and lower lines of ``ForwardLines`` (adding
+    H_t^+ . d_hi + H_t^- . d_lo); at the input H_0 . dh_0 = H_0 . (x - x_c).  Bounding each z_t
+    with its own CROWN line instead relaxes every activation below once per (row, neuron) with
+    the sign of that line's coefficient; here the signs of the summed coefficients choose, which
+    is never worse for the same lines and is what a single linear bound over the whole graph
+    does.  Returns ``(const [B, c, K], X [B, c, K, n_0], abs_terms [B, c, K])``; ``abs_terms``
+    sums the magnitudes that rounding can act on (see :func:`linked_upper_sweep`).
+    """
+    fw = net.linked.forward
+    preds: dict[int, list[int]] = {}
+    for s, t in net.edges:
+        preds.setdefault(t, []).append(s)
+    some = next(iter(k_z.values()))
+    const = some.new_zeros(some.shape[:-1])  # [B, c, K]
+    abs_terms = some.new_zeros(some.shape[:-1])
+    coef_h: dict[int, Tensor] = {}  # H_s, the coefficients of dh_s
+    for t in range(max(k_z), 0, -1):
+        lam, h = k_z.get(t), coef_h.pop(t, None)
+        if lam is not None:
+            zc = fw.z_center[t][:, None, None, :]
+            const += _rowdot(lam, zc)
+            abs_terms += _rowdot(lam.abs(), zc.abs())
+        if h is not None:
+            a_lo, d_lo, a_hi, d_hi = (v[:, None, None, :] for v in fw.lines[t])
+            h_pos, h_neg = h.clamp(min=0), h.clamp(max=0)
+            relaxed = h_pos * a_hi + h_neg * a_lo
+            lam = relaxed if lam is None else lam + relaxed
+            offset = h_pos * d_hi + h_neg * d_lo
+            const += offset.sum(-1)
+            abs_terms += offset.abs().sum(-1)
+        if lam is None:
+            continue
+        # rounding: Lambda_t itself (times |dz_t|) and the products pushing it into the dh_s
+        abs_terms += _rowdot(lam.abs(), (fw.z_spread[t] + fw.reach[t])[:, None, None, :])
+        for s in preds.get(t, []):
+            pushed = lam @ net.edges[(s, t)]  # [B, c, K, n_s]
+            coef_h[s] = pushed if s not in coef_h else coef_h[s] + pushed
+    x_coef = coef_h.get(0)
+    if x_coef is None:
+        x_coef = some.new_zeros(*some.shape[:-1], net.n_in)
+    xc = fw.x_center[:, None, None, :]
+    return const - _rowdot(x_coef, xc), x_coef, abs_terms + _rowdot(x_coef.abs(), xc.abs())
 
 
 def _linked_step(net: JacobianDAG, bounds: BackwardBounds, t: int, w: Tensor
-                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                 ) -> tuple[Tensor, ...]:
     """One linked node of :func:`linked_upper_sweep` for vectors ``w [B, c, K, n_t]``.
 
-    Returns ``(part [B, c, K], v [B, c, K, n_t], step_x [B, c, K, n_0], abs_x, abs_part)``: the
-    constant terms, the folded vector, the x coefficients, and the absolute values of the x
-    coefficients and constant terms (for the rounding margin).
+    Returns ``(part, v, k_z, lines, step_x, abs_x, abs_part, abs_lines)``: the constant terms of
+    the planes and the lines of sigma' (``[B, c, K]``), the folded vector and the coefficients of
+    z_t (``[B, c, K, n_t]``), the constants of CROWN's lines of z_t and the x coefficients they
+    give (``[B, c, K, n_0]``), and the absolute values for the rounding margin (the x
+    coefficients', the planes', the lines').
     """
     l_a, l_b, u_a, u_b, alpha_lo, beta_lo, alpha_hi, beta_hi, ref = (
         net.linked.nodes[t][:4] + tuple(x[:, None, None, :] for x in net.linked.nodes[t][4:]))
@@ -349,16 +432,16 @@ def _linked_step(net: JacobianDAG, bounds: BackwardBounds, t: int, w: Tensor
     k_z = k_s * torch.where(above, alpha_hi, alpha_lo)
     k_pos, k_neg = k_z.clamp(min=0), k_z.clamp(max=0)  # z <= uA x + ub, z >= lA x + lb
     product = v * coef_s
-    part = (k_s * beta - product).sum(-1) + _rowdot(k_pos, u_b[:, None, None, :]) + _rowdot(
-        k_neg, l_b[:, None, None, :])
+    part = (k_s * beta - product).sum(-1)
+    lines = _rowdot(k_pos, u_b[:, None, None, :]) + _rowdot(k_neg, l_b[:, None, None, :])
     batch, c, k, n = k_z.shape
     flat_pos, flat_neg = k_pos.reshape(batch, c * k, n), k_neg.reshape(batch, c * k, n)
     step_x = (flat_pos @ u_a + flat_neg @ l_a).reshape(batch, c, k, -1)
     abs_x = (flat_pos @ u_a.abs() - flat_neg @ l_a.abs()).reshape(batch, c, k, -1)
-    abs_part = (product.abs().sum(-1) + (k_s * beta).abs().sum(-1)
-                + _rowdot(k_pos, u_b.abs()[:, None, None, :])
-                - _rowdot(k_neg, l_b.abs()[:, None, None, :]))
-    return part, v, step_x, abs_x, abs_part
+    abs_part = product.abs().sum(-1) + (k_s * beta).abs().sum(-1)
+    abs_lines = (_rowdot(k_pos, u_b.abs()[:, None, None, :])
+                 - _rowdot(k_neg, l_b.abs()[:, None, None, :]))
+    return part, v, k_z, lines, step_x, abs_x, abs_part, abs_lines
 
 
 def linked_upper_sweep(net: JacobianDAG, bounds: BackwardBounds, pending: dict[int, Tensor],
@@ -377,21 +460,30 @@ def linked_upper_sweep(net: JacobianDAG, bounds: BackwardBounds, pending: dict[i
     region once, at the end, so the derivatives of different neurons and layers stay tied to the
     same x.  Other nodes (ReLU, leaky ReLU, ...) take the chord relaxation.
 
+    With ``net.linked.forward`` the z coefficients are also bounded another way: collected over
+    all nodes and back-substituted through the forward network at once
+    (:func:`_joint_back_substitution`); the smaller of the two bounds is returned (both hold).
+
     Rounding: the terms that RecurJac does not have (the planes' s and constant terms, the lines
-    in z and x and their concretisation) are summed in absolute value alongside, and the result
-    is raised by 4 gamma_N times that sum (N: all neurons and inputs plus a few per level), so
-    that floating point cannot push it below the value in exact arithmetic; the other terms are
-    RecurJac's and are covered by :func:`rounding_slack`.
+    in z and x and their concretisation, the back-substitution's products) are summed in
+    absolute value alongside, and the result is raised by 4 gamma_N times that sum (N: all
+    neurons and inputs plus a few per level), so that floating point cannot push it below the
+    value in exact arithmetic; the other terms are RecurJac's and are covered by
+    :func:`rounding_slack`.
 
     Returns ``[B, c, K]``; ``pending`` is consumed.  With ``keep_x`` the x coefficients are not
     concretised: returns ``(const [B, c, K], X [B, c, K, n_0])`` with the upper bound
-    ``const + X . x`` holding at every x of the region (the rounding margin is in ``const``).
+    ``const + X . x`` holding at every x of the region (the rounding margin is in ``const``; of
+    the two ways, the one with the smaller maximum over the region, entry by entry).
     """
     m, linked = net.depth, net.linked
     acc = None
-    coef_x = None
-    abs_acc = None  # [B, c, K]: sum of |terms| of the linked nodes
+    lines_acc = None  # [B, c, K]: constants of CROWN's lines of z
+    coef_x = None  # [B, c, K, n_0]: their x coefficients
+    abs_acc = None  # [B, c, K]: |terms| of the planes and the lines of sigma'
+    abs_lines = None  # [B, c, K]: |constants| of the lines of z
     abs_x = None  # [B, c, K, n_0]: |coefficients| of x, term by term
+    k_z: dict[int, Tensor] = {}
     out_edges = net.output_edges()
     for t in range(min(pending), m):
         w = pending.pop(t, None)
@@ -403,10 +495,14 @@ def linked_upper_sweep(net: JacobianDAG, bounds: BackwardBounds, pending: dict[i
             part = _rowdot(w, worst_neg) + _rowdot(w_pos, worst_pos - worst_neg)
             v = (w * fold_neg).addcmul_(w_pos, fold_pos - fold_neg)
         else:
-            part, v, step_x, step_abs, mag = _linked_step(net, bounds, t, w)
-            coef_x = step_x if coef_x is None else coef_x + step_x
-            abs_x = step_abs if abs_x is None else abs_x + step_abs
-            abs_acc = mag if abs_acc is None else abs_acc + mag
+            part, v, k_z[t], lines, step_x, step_abs, mag, mag_lines = _linked_step(
+                net, bounds, t, w)
+            if coef_x is None:
+                lines_acc, coef_x, abs_x, abs_acc, abs_lines = (lines, step_x, step_abs, mag,
+                                                                mag_lines)
+            else:
+                lines_acc, coef_x, abs_x = lines_acc + lines, coef_x + step_x, abs_x + step_abs
+                abs_acc, abs_lines = abs_acc + mag, abs_lines + mag_lines
         acc = part if acc is None else acc + part
         del w
         if t in out_edges:
@@ -415,13 +511,24 @@ def linked_upper_sweep(net: JacobianDAG, bounds: BackwardBounds, pending: dict[i
             pending[u] = pushed if u not in pending else pending[u] + pushed
     if coef_x is None:
         return (acc, acc.new_zeros(*acc.shape, net.n_in)) if keep_x else acc
-    total = abs_acc + ((abs_x + coef_x.abs()) * linked.x_magnitude[:, None, None, :]).sum(-1)
     n_terms = sum(net.sizes.values()) + net.n_in + 16 * (m + 1)
     unit = torch.finfo(acc.dtype).eps / 2
-    acc = acc + 4 * (n_terms * unit / (1 - n_terms * unit)) * total
-    if keep_x:
-        return acc, coef_x
-    return acc + linked.concretize(coef_x)
+    gamma4 = 4 * (n_terms * unit / (1 - n_terms * unit))
+    x_mag = linked.x_magnitude[:, None, None, :]
+    crown_const = acc + lines_acc + gamma4 * (
+        abs_acc + abs_lines + ((abs_x + coef_x.abs()) * x_mag).sum(-1))
+    crown_max = crown_const + linked.concretize(coef_x)
+    if linked.forward is None:
+        return (crown_const, coef_x) if keep_x else crown_max
+    joint_const, joint_x, joint_abs = _joint_back_substitution(net, k_z)
+    joint_const = acc + joint_const + gamma4 * (abs_acc + joint_abs
+                                                + (joint_x.abs() * x_mag).sum(-1))
+    joint_max = joint_const + linked.concretize(joint_x)
+    if not keep_x:
+        return torch.minimum(crown_max, joint_max)
+    use_joint = joint_max < crown_max
+    return (torch.where(use_joint, joint_const, crown_const),
+            torch.where(use_joint[..., None], joint_x, coef_x))
 
 
 def input_lines(net: JacobianDAG, bounds: BackwardBounds, slack: Tensor, lower: Tensor,

@@ -109,3 +109,41 @@ def test_derivative_lines_contain_sigma_prime(name: str) -> None:
     assert (gap <= (g_hi - g_lo) + 1e-12).all()  # never worse than the constant range
     moderate = (widths > 0.01) & (widths <= 0.5)  # half-widths: the lines beat the constants
     assert (gap[moderate] / (g_hi - g_lo)[moderate]).median() < 0.2
+
+
+@pytest.mark.parametrize("name", ["relu", "leaky_relu:0.1", "hardtanh", "tanh", "sigmoid",
+                                  "arctan"])
+def test_linear_relaxation_contains_sigma(name: str) -> None:
+    """The lines of sigma (the joint back-substitution of the linear method) hold at 4001 points
+    of every interval, from ulp-wide to very wide, exactly at kinks; on intervals that straddle
+    the ReLU's kink the upper line is the chord and the lower one is CROWN's adaptive choice."""
+    gen = torch.Generator().manual_seed(2)
+    act = get_activation(name)
+    assert act.has_linear_relaxation
+    centers = torch.randn(600, generator=gen, dtype=torch.float64) * 3
+    widths = 10.0 ** (torch.rand(600, generator=gen, dtype=torch.float64) * 8 - 6) * 20
+    lower = torch.cat([centers - widths, torch.tensor([-1.0, 0.0, -2.0, 1.0], dtype=torch.float64)])
+    upper = torch.cat([centers + widths, torch.tensor([1.0, 0.0, 0.0, 1.0], dtype=torch.float64)])
+    a_lo, c_lo, a_hi, c_hi = act.linear_relaxation(lower, upper)
+    t = torch.linspace(0, 1, 4001, dtype=torch.float64)
+    z = lower[:, None] + t[None] * (upper - lower)[:, None]
+    f = FUNCTIONS[name](z)
+    assert (f >= a_lo[:, None] * z + c_lo[:, None]).all()
+    assert (f <= a_hi[:, None] * z + c_hi[:, None]).all()
+    if name == "relu":
+        straddle = (lower < 0) & (upper > 0)
+        chord = upper / (upper - lower)
+        assert torch.allclose(a_hi[straddle], chord[straddle])
+        assert torch.equal(a_lo[straddle], (upper > -lower)[straddle].double())
+    # never worse than the flat range [sigma(l), sigma(u)] at the midpoint
+    mid = (lower + upper) / 2
+    gap = (a_hi * mid + c_hi) - (a_lo * mid + c_lo)
+    assert (gap <= FUNCTIONS[name](upper) - FUNCTIONS[name](lower) + 1e-9).all()
+
+
+def test_activations_without_lines_say_so() -> None:
+    for name in ("softplus", "elu:1.0"):
+        act = get_activation(name)
+        assert not act.has_linear_relaxation
+        with pytest.raises(ValueError, match="no linear relaxation"):
+            act.linear_relaxation(torch.zeros(1), torch.ones(1))
