@@ -23,7 +23,8 @@ Nets (all reproducible here):
 * digits-relu / digits-tanh (the repo's demo models), the first ``--images`` test images,
   eps 0.01 and 0.05;
 * 784-100-100-10 ReLU (``nn.Linear`` default init after ``torch.manual_seed(0)``;
-  ``x0 = torch.rand(1, 784)`` after ``torch.manual_seed(0)``), eps 0.001 / 0.01 / 0.1;
+  ``x0 = torch.rand(784)`` after ``torch.manual_seed(0)``, drawn in float32 as the issue's recipe
+  says, then cast: a float64 draw gives other points), eps 0.001 / 0.01 / 0.1;
 * 784-1024-1024-10 ReLU (same recipe), eps 0.005: the mean bound, the time of the Jacobian phase
   and the peak resident-memory growth of one ``bound()`` call per method (``PeakRSS`` from
   ``bench_scaling.py``).
@@ -64,6 +65,13 @@ def mlp(sizes: list[int]) -> nn.Sequential:
         if i < len(sizes) - 2:
             layers.append(nn.ReLU())
     return nn.Sequential(*layers).double().eval()
+
+
+def recipe_point() -> Tensor:
+    """``torch.rand(784)`` after ``torch.manual_seed(0)`` (float32, as in the recipe), as a
+    float64 batch of one: ``[1, 784]``."""
+    torch.manual_seed(0)
+    return torch.rand(784).double()[None]
 
 
 def ascent_lower(model: nn.Module, x0: Tensor, eps: float, starts: int = 32,
@@ -147,8 +155,7 @@ def one_case(name: str, model: nn.Module, inputs: Tensor, eps: float, relu: bool
 def large_case(args: argparse.Namespace) -> list[dict]:
     """784-1024-1024-10 at eps 0.005: mean bound, seconds and peak memory per method."""
     model = mlp([784, 1024, 1024, 10])
-    torch.manual_seed(0)
-    x0 = torch.rand(1, 784, dtype=torch.float64)
+    x0 = recipe_point()
     bounder = JacobianBounder(model, input_shape=(784,))
     region = bounder.region(x0, 0.005)
     rows = []
@@ -186,8 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         model = load_model(name)
         for eps in (0.01, 0.05):
             rows.append(one_case(name, model, images, eps, relu, args))
-    torch.manual_seed(0)
-    x0 = torch.rand(1, 784, dtype=torch.float64)
+    x0 = recipe_point()
     for eps in (0.001, 0.01, 0.1):
         rows.append(one_case("784-100-100-10 relu", mlp([784, 100, 100, 10]), x0, eps, True,
                              args))
