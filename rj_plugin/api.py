@@ -297,9 +297,16 @@ class JacobianBounder:
                                                             dtype=self.dtype, device=self.device))
                      for a in self.jacobian_graph.activations]
         elif region.batch > self.max_batch:  # e.g. ONNX graphs with a batch size fixed to 1
-            parts = [self.derivative_ranges(region.select(slice(b, b + self.max_batch)), preact,
-                                            alpha_iterations, alpha_lr)
-                     for b in range(0, region.batch, self.max_batch)]
+            parts, checked_parts = [], []
+            for b in range(0, region.batch, self.max_batch):
+                sub = region.select(slice(b, b + self.max_batch))
+                parts.append(self.derivative_ranges(sub, preact, alpha_iterations, alpha_lr))
+                last = getattr(self, "_last_preact", None)
+                checked_parts.append(last[1] if last is not None and last[0] is sub else None)
+            if all(c is not None for c in checked_parts):  # the whole region's intervals
+                self._last_preact = (region, {
+                    n: (torch.cat([c[n][0] for c in checked_parts]),
+                        torch.cat([c[n][1] for c in checked_parts])) for n in checked_parts[0]})
             return ([torch.cat([p[0][k] for p in parts]) for k in range(len(parts[0][0]))],
                     [torch.cat([p[1][k] for p in parts]) for k in range(len(parts[0][1]))])
         else:
@@ -377,17 +384,31 @@ class JacobianBounder:
         if not acts or last is None or last[0] is not region:
             return None
         pre = last[1]
+        which = [a.input_node for _, a in acts]
 
-        def extremes(coef: Tensor) -> tuple[Tensor, Tensor]:
-            return -region.support(-coef), region.support(coef)
+        def lines_of(rows: slice) -> dict[str, tuple[Tensor, ...]]:
+            sub = region.select(rows)
 
-        ptb = make_perturbation(region.norm, region.eps, region.lower, region.upper)
-        lines = self.graph.preactivation_linear_bounds(
-            region.center, ptb, self.preact_nodes,
-            {n: (lo.reshape(-1, *self.graph.module[n].output_shape[1:]),
-                 hi.reshape(-1, *self.graph.module[n].output_shape[1:]))
-             for n, (lo, hi) in pre.items()},
-            [a.input_node for _, a in acts], extremes)
+            def extremes(coef: Tensor) -> tuple[Tensor, Tensor]:
+                return -sub.support(-coef), sub.support(coef)
+
+            ptb = make_perturbation(sub.norm, sub.eps, sub.lower, sub.upper)
+            return self.graph.preactivation_linear_bounds(
+                sub.center, ptb, self.preact_nodes,
+                {n: (lo[rows].reshape(-1, *self.graph.module[n].output_shape[1:]),
+                     hi[rows].reshape(-1, *self.graph.module[n].output_shape[1:]))
+                 for n, (lo, hi) in pre.items()}, which, extremes)
+
+        try:
+            lines = lines_of(slice(0, region.batch))
+        except UnsupportedLayerError:
+            if region.batch == 1:
+                raise
+            # auto_LiRPA 0.3's CROWN breaks on batches of some graphs (e.g. normalisation
+            # buffers before the first layer); one input at a time gives the same lines
+            parts = [lines_of(slice(b, b + 1)) for b in range(region.batch)]
+            lines = {n: tuple(torch.cat([p[n][k] for p in parts]) for k in range(4))
+                     for n in parts[0] if all(n in p for p in parts)}
         nodes = {}
         for t, act in acts:
             if act.input_node not in lines:
@@ -405,16 +426,22 @@ class JacobianBounder:
         if not all(a.activation.has_linear_relaxation for a in acts):
             return None
         module, batch = self.graph.module, region.batch
-        with torch.no_grad():
-            module(region.center)
+        values: dict[str, list[Tensor]] = {}
+        for b in range(0, batch, self.max_batch):  # graphs with a fixed batch size of 1, too
+            with torch.no_grad():
+                module(region.center[b:b + self.max_batch])
+            for act in acts:
+                for name in (act.input_node, act.node):
+                    values.setdefault(name, []).append(
+                        module[name].forward_value.detach().reshape(-1, *act.shape))
         x_center = region.center.reshape(batch, -1)
         # |dh_s| bounds: |x - x_c| <= |x| + |x_c|, and |dh_t| <= sup|sigma_t'| |dz_t|
         h_spread = {0: region.magnitude() + x_center.abs()}
         z_center, lines, z_spread, reach = {}, {}, {}, {}
         for t, act in enumerate(acts, start=1):
             lo, hi = pre[act.input_node]
-            zc = module[act.input_node].forward_value.detach().reshape(batch, -1)
-            hc = module[act.node].forward_value.detach().reshape(batch, -1)
+            zc = torch.cat(values[act.input_node]).reshape(batch, -1)
+            hc = torch.cat(values[act.node]).reshape(batch, -1)
             a_lo, c_lo, a_hi, c_hi = act.activation.linear_relaxation(lo, hi)
             lines[t] = (a_lo, a_lo * zc + c_lo - hc, a_hi, a_hi * zc + c_hi - hc)
             z_center[t] = zc

@@ -495,8 +495,10 @@ class LirpaGraph:
         if not names:
             return {}
         x = self._bounded_input(center, perturbation)
+        # IBP over the whole graph (the output is the one node every activation reaches): up to
+        # the last pre-activation only, a parallel branch (relu(z + 1) - relu(z - 1)) is missed
         with torch.no_grad(), lirpa_errors("IBP"):
-            self.module.compute_bounds(x=(x,), method="IBP", final_node_name=names[-1])
+            self.module.compute_bounds(x=(x,), method="IBP")
         ibp = self._read(names)
         if method == "ibp":
             return ibp

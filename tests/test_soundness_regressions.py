@@ -410,3 +410,56 @@ def test_softplus_with_another_threshold_is_refused() -> None:
     with pytest.raises(UnsupportedLayerError, match="threshold=1.0"):
         JacobianBounder(nn.Sequential(nn.Softplus(threshold=1.0), nn.Linear(1, 1)).double(),
                         input_shape=(1,))
+
+
+class _TwoBranches(nn.Module):
+    """hardtanh written as relu(z + 1) - relu(z - 1) - 1: two activations on one node, neither
+    pre-activation an ancestor of the other."""
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.relu(z + 1) - torch.relu(z - 1) - 1
+
+
+@pytest.mark.parametrize("preact", ["ibp", "crown"])
+@pytest.mark.parametrize("method", ["recurjac", "linear"])
+def test_parallel_activated_branches_get_bounds(preact: str, method: str) -> None:
+    """Found by the outside fuzz of issue 9: IBP ran only up to the last pre-activation node,
+    so the other branch had no bounds ("auto_LiRPA computed no bounds"); now both are bounded
+    and the Jacobian bounds hold."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), _TwoBranches(), nn.Linear(4, 2)).double().eval()
+    bounder = JacobianBounder(net, input_shape=(3,))
+    x0 = torch.randn(1, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    jb = bounder.bound(bounder.region(x0, 0.5), preact=preact, method=method)
+    _assert_contains(jb, _ball_jacobians(net, x0[0], 0.5, math.inf, 5), f"{preact} {method}")
+    assert (jb.upper - jb.lower).max() < 2.5  # not the trivial bounds
+
+
+class _Standardize(nn.Module):
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.rand(n) - 0.5)
+        self.register_buffer("std", 0.5 + torch.rand(n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+@pytest.mark.parametrize("preact", ["ibp", "crown", "crown-ibp"])
+def test_linear_on_a_batch_equals_one_input_at_a_time(preact: str) -> None:
+    """Found by the outside fuzz of issue 9: with normalisation buffers before the first layer,
+    auto_LiRPA 0.3's CROWN fails on batches; ``linear`` then crashed (ibp pre-activations) or
+    silently dropped its lines (crown).  Each input of a batch now gets the bounds it gets
+    alone, and they hold."""
+    torch.manual_seed(0)
+    net = nn.Sequential(_Standardize(4), nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3), nn.Tanh(),
+                        nn.Linear(3, 2)).double().eval()
+    centers = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    batched = JacobianBounder(net, input_shape=(4,))
+    jb = batched.bound(batched.region(centers, 0.3), preact=preact, method="linear")
+    for b in range(3):
+        alone = JacobianBounder(net, input_shape=(4,))
+        one = alone.bound(alone.region(centers[b:b + 1], 0.3), preact=preact, method="linear")
+        assert torch.allclose(jb.upper[b], one.upper[0], rtol=1e-9, atol=1e-12)
+        assert torch.allclose(jb.lower[b], one.lower[0], rtol=1e-9, atol=1e-12)
+        _assert_contains(one, _ball_jacobians(net, centers[b], 0.3, math.inf, b), f"{b}")
