@@ -426,14 +426,13 @@ class JacobianBounder:
         if not all(a.activation.has_linear_relaxation for a in acts):
             return None
         module, batch = self.graph.module, region.batch
-        values: dict[str, list[Tensor]] = {}
-        for b in range(0, batch, self.max_batch):  # graphs with a fixed batch size of 1, too
-            with torch.no_grad():
+        shapes = {name: act.shape for act in acts for name in (act.input_node, act.node)}
+        values: dict[str, list[Tensor]] = {name: [] for name in shapes}  # once per node: two
+        for b in range(0, batch, self.max_batch):  # activations may read the same one
+            with torch.no_grad():  # (in chunks: graphs with a fixed batch size of 1, too)
                 module(region.center[b:b + self.max_batch])
-            for act in acts:
-                for name in (act.input_node, act.node):
-                    values.setdefault(name, []).append(
-                        module[name].forward_value.detach().reshape(-1, *act.shape))
+            for name, shape in shapes.items():
+                values[name].append(module[name].forward_value.detach().reshape(-1, *shape))
         x_center = region.center.reshape(batch, -1)
         # |dh_s| bounds: |x - x_c| <= |x| + |x_c|, and |dh_t| <= sup|sigma_t'| |dz_t|
         h_spread = {0: region.magnitude() + x_center.abs()}
