@@ -434,8 +434,10 @@ class JacobianBounder:
             for name, shape in shapes.items():
                 values[name].append(module[name].forward_value.detach().reshape(-1, *shape))
         x_center = region.center.reshape(batch, -1)
-        # |dh_s| bounds: |x - x_c| <= |x| + |x_c|, and |dh_t| <= sup|sigma_t'| |dz_t|
-        h_spread = {0: region.magnitude() + x_center.abs()}
+        # |dh_s| bounds: |x - x_c| <= |x| + |x_c|, and |dh_t| <= sup|sigma_t'| |dz_t|; the
+        # rounding margin also covers the centre's own values (|h_c|, |z_c|): the computed
+        # z_c and h_c satisfy z_c = sum_s A h_c + b only up to rounding of that size
+        h_spread = {0: region.magnitude() + 2 * x_center.abs()}
         z_center, lines, z_spread, reach = {}, {}, {}, {}
         for t, act in enumerate(acts, start=1):
             lo, hi = pre[act.input_node]
@@ -445,9 +447,9 @@ class JacobianBounder:
             lines[t] = (a_lo, a_lo * zc + c_lo - hc, a_hi, a_hi * zc + c_hi - hc)
             z_center[t] = zc
             z_spread[t] = torch.maximum(hi - zc, zc - lo).clamp(min=0)
-            h_spread[t] = act.activation.max_abs_derivative * z_spread[t]
+            h_spread[t] = act.activation.max_abs_derivative * z_spread[t] + hc.abs()
             reach[t] = sum((h_spread[s] @ a.abs().T for (s, u), a in self.edges.items()
-                            if u == t), torch.zeros_like(zc))
+                            if u == t), zc.abs())
         return rj.ForwardLines(x_center, z_center, lines, z_spread, reach)
 
     def region(self, x0=None, eps=None, norm="inf", lower=None, upper=None,

@@ -344,8 +344,9 @@ class ForwardLines:
     for every x of the region: sigma_t's lines over the pre-activation interval, shifted to the
     centre (d_hi = a_hi z_c + c_hi - sigma(z_c) >= 0, d_lo <= 0).  ``z_center[t]``, ``[B, n_t]``;
     ``x_center``, ``[B, n_0]``.  For the rounding margin: ``z_spread[t]`` bounds |dz_t| and
-    ``reach[t] = sum_s |A_{t<-s}| bound(|dh_s|)`` (``[B, n_t]``), so that |E . dz_t|-type errors
-    of the matrix products are covered.  Nodes 1..T, T the last node with lines.
+    ``reach[t] >= sum_s |A_{t<-s}| (bound(|dh_s|) + |h_s(x_c)|) + |z_c|`` (``[B, n_t]``), so
+    that the errors of the matrix products and of the centre's computed values (which satisfy
+    the affine maps only up to rounding) are covered.  Nodes 1..T, T the last node with lines.
     """
 
     x_center: Tensor
@@ -461,12 +462,12 @@ def linked_upper_sweep(net: JacobianDAG, bounds: BackwardBounds, pending: dict[i
     midpoint; ``plane="low"`` always the first, which puts the smallest derivative a on the D
     term folded downstream and the rest on s, which stays tied to x (measured: tighter on the
     digits tanh net, looser on random deeper ones; the linear method runs both and keeps the
-    smaller).  The plane's
-    D coefficient folds into the downstream vector as in RecurJac; its s term is replaced by
-    the line of sigma' in z (above or below by the sign of its coefficient), and z by CROWN's
-    line in x (likewise); the x coefficients of all nodes add up and are concretised over the
-    region once, at the end, so the derivatives of different neurons and layers stay tied to the
-    same x.  Other nodes (ReLU, leaky ReLU, ...) take the chord relaxation.
+    smaller).  The plane's D coefficient folds into the downstream vector as in RecurJac; its s
+    term is replaced by the line of sigma' in z (above or below by the sign of its coefficient),
+    and z by CROWN's line in x (likewise); the x coefficients of all nodes add up and are
+    concretised over the region once, at the end, so the derivatives of different neurons and
+    layers stay tied to the same x.  Other nodes (ReLU, leaky ReLU, ...) take the chord
+    relaxation.
 
     With ``net.linked.forward`` the z coefficients are also bounded another way: collected over
     all nodes and back-substituted through the forward network at once
