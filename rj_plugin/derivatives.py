@@ -96,10 +96,10 @@ class Activation:
         wide ones.  A few ulps of the magnitudes widen both for rounding.  Candidates: slope 0
         and the chords between every two of nine equally spaced knots (the ends, quarters and
         eighths of [l, u]: 36 slopes, approximating the tangents a curved sigma' needs), with
-        these offsets, and the certified range
-        ``[g_lo, g_hi]`` of :meth:`bounds` as flat lines (so the lines are never worse than the
-        constants); the upper line is the one lowest at the midpoint (equivalently, of least
-        mean over [l, u]), the lower line the one highest there.  ``mid`` is sigma' at the
+        these offsets, and the certified range ``[g_lo, g_hi]`` of :meth:`bounds` as flat lines
+        (so the lines are never worse than the constants); the upper line is the one lowest at
+        the midpoint (equivalently, of least mean over [l, u]), the lower line the one highest
+        there.  ``mid`` is sigma' at the
         midpoint (a reference for choosing relaxations).  Against the five chords of the whole
         interval and its quarters (a subset), the 36 took 3 % off the digits tanh net's linear
         Lipschitz bound at eps 0.05 and added 0.2-0.5 % on random tanh / sigmoid nets at eps 0.3:
@@ -129,12 +129,8 @@ class Activation:
         alphas = torch.cat([alphas, zero], -1)  # [..., S + 1]: the flat certified range last
         beta_lo = torch.cat([h.amin(-1) - margin, g_lo[..., None]], -1)
         beta_hi = torch.cat([h.amax(-1) + margin, g_hi[..., None]], -1)
-        center = ((lower + upper) / 2)[..., None]
-        hi_pick = (alphas * center + beta_hi).argmin(-1, keepdim=True)
-        lo_pick = (alphas * center + beta_lo).argmax(-1, keepdim=True)
         mid = self.derivative((lower + upper) / 2)
-        return (alphas.gather(-1, lo_pick)[..., 0], beta_lo.gather(-1, lo_pick)[..., 0],
-                alphas.gather(-1, hi_pick)[..., 0], beta_hi.gather(-1, hi_pick)[..., 0], mid)
+        return (*_midpoint_best(alphas, beta_lo, beta_hi, lower, upper), mid)
 
     @property
     def has_linear_relaxation(self) -> bool:
@@ -201,11 +197,7 @@ class Activation:
         alphas = torch.cat([alphas, zero], -1)
         c_lo = torch.cat([h.amin(-1) - margin, (f_lo - tiny)[..., None]], -1)
         c_hi = torch.cat([h.amax(-1) + margin, (f_hi + tiny)[..., None]], -1)
-        center = ((lower + upper) / 2)[..., None]
-        hi_pick = (alphas * center + c_hi).argmin(-1, keepdim=True)
-        lo_pick = (alphas * center + c_lo).argmax(-1, keepdim=True)
-        return (alphas.gather(-1, lo_pick)[..., 0], c_lo.gather(-1, lo_pick)[..., 0],
-                alphas.gather(-1, hi_pick)[..., 0], c_hi.gather(-1, hi_pick)[..., 0])
+        return _midpoint_best(alphas, c_lo, c_hi, lower, upper)
 
     def bounds(self, lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor]:
         """Derivative bounds ``(g_lo, g_hi)`` over ``[lower, upper]``, elementwise, same shape."""
@@ -219,6 +211,18 @@ class Activation:
         inf = torch.full_like(like, float("inf"))
         return self.rule(-inf, inf)
 
+
+
+def _midpoint_best(alphas: Tensor, c_lo: Tensor, c_hi: Tensor, lower: Tensor, upper: Tensor
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Of candidate lines ``alphas z + c`` (``[..., S]`` each, all valid on [l, u]), the lower
+    line highest and the upper line lowest at the midpoint (of largest / least mean over
+    [l, u]): ``(a_lo, c_lo, a_hi, c_hi)``, each like ``lower``."""
+    center = ((lower + upper) / 2)[..., None]
+    hi_pick = (alphas * center + c_hi).argmin(-1, keepdim=True)
+    lo_pick = (alphas * center + c_lo).argmax(-1, keepdim=True)
+    return (alphas.gather(-1, lo_pick)[..., 0], c_lo.gather(-1, lo_pick)[..., 0],
+            alphas.gather(-1, hi_pick)[..., 0], c_hi.gather(-1, hi_pick)[..., 0])
 
 
 def _widen(g_lo: Tensor, g_hi: Tensor, scale: float) -> tuple[Tensor, Tensor]:
