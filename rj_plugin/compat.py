@@ -26,6 +26,7 @@ Usage::
 
 from __future__ import annotations
 
+import collections
 import importlib
 import inspect
 import logging
@@ -58,6 +59,16 @@ def _mark(fn: Any, name: str) -> Any:
 
 def _is_marked(obj: Any) -> bool:
     return getattr(obj, _MARK, None) is not None
+
+
+def _marks(fn: Any) -> list[str]:
+    """Names of the patches in a chain of wrappers (each one's ``__wrapped__``), outermost first."""
+    names = []
+    while fn is not None:
+        if _is_marked(fn):
+            names.append(getattr(fn, _MARK))
+        fn = getattr(fn, "__wrapped__", None)
+    return names
 
 
 def _record(name: str) -> None:
@@ -433,6 +444,7 @@ def _alpha_dtype_wrapper(original: Callable[..., Any]) -> Callable[..., Any]:
         return result
 
     init_opt_parameters.__doc__ = original.__doc__
+    init_opt_parameters.__wrapped__ = original  # type: ignore[attr-defined]
     return init_opt_parameters
 
 
@@ -1160,6 +1172,68 @@ def _patch_matmul_ibp_spec(al: types.ModuleType) -> bool:
     return True
 
 
+def _patch_unreached_start_nodes(al: types.ModuleType) -> bool:
+    """alpha-CROWN: no alphas for backward passes that never reach an activation.
+
+    What broke: 0.3's ``init_slope`` asks every optimisable activation for alphas for each node
+    in ``backward_from[node]``, i.e. every later node the activation is an ancestor of in the
+    graph, and initialises them from what the init CROWN pass recorded when it relaxed the
+    activation: ``BoundTanh`` (hence ``BoundSigmoid`` / ``BoundAtan``) from
+    ``tp_both_lower_init[start]``, ``BoundRelu`` from ``lower_d``.  A node whose backward bound
+    passes no coefficients to an input cuts those paths: ``rj_plugin::Jacobian`` for its second
+    input (its bounds are RecurJac's, not a function of the network's output, whose activations
+    auto_LiRPA then never relaxes).  alpha-CROWN on e.g. ``relu(JacobianOf(net)(x))`` failed
+    with ``KeyError`` (tanh nets) or ``AttributeError: ... no attribute 'lower_d'`` (ReLU nets).
+    Why it is correct: an alpha for a start node whose backward pass never reaches the activation
+    is never read (no relaxation of the activation is ever asked for it); the alphas of every
+    reached start node are created exactly as 0.3 does.  Were such a pass to reach the node later,
+    0.3 would fail loudly on the missing alpha, never bound with a wrong one.
+    Guard: ``BoundTanh`` only when its ``init_opt_parameters`` reads ``tp_both_lower_init[ns]``,
+    ``BoundRelu`` only when it reads ``self.lower_d``; at run time a ReLU keeps 0.3's code
+    whenever some pass relaxed it (``lower_d`` set).
+    """
+    ops = al.operators
+    patched = False
+    for cls_name, needle in (("BoundTanh", "tp_both_lower_init[ns]"),
+                             ("BoundRelu", "self.lower_d")):
+        cls = getattr(ops, cls_name, None)
+        original = None if cls is None else cls.__dict__.get("init_opt_parameters")
+        if original is None or "unreached_start_nodes" in _marks(original):
+            continue
+        if needle not in _source(inspect.unwrap(original)):
+            continue
+        wrapper = _reached_only_tanh if cls_name == "BoundTanh" else _reached_only_relu
+        cls.init_opt_parameters = _mark(wrapper(original), "unreached_start_nodes")
+        patched = True
+    return patched
+
+
+def _reached_only_tanh(original: Callable[..., Any]) -> Callable[..., Any]:
+    def init_opt_parameters(self: Any, start_nodes: Any) -> Any:
+        reached = getattr(self, "tp_both_lower_init", None)
+        if isinstance(reached, dict):
+            start_nodes = [start for start in start_nodes if start[0] in reached]
+        return original(self, start_nodes)
+
+    init_opt_parameters.__doc__ = original.__doc__
+    init_opt_parameters.__wrapped__ = original  # type: ignore[attr-defined]
+    return init_opt_parameters
+
+
+def _reached_only_relu(original: Callable[..., Any]) -> Callable[..., Any]:
+    def init_opt_parameters(self: Any, start_nodes: Any) -> Any:
+        if getattr(self, "lower_d", None) is None:  # never relaxed: no pass reaches it
+            self.alpha = collections.OrderedDict()
+            self.alpha_lookup_idx = collections.OrderedDict()
+            self.alpha_indices = None
+            return None
+        return original(self, start_nodes)
+
+    init_opt_parameters.__doc__ = original.__doc__
+    init_opt_parameters.__wrapped__ = original  # type: ignore[attr-defined]
+    return init_opt_parameters
+
+
 # -------------------------------------------------------------------------------------------------
 # Public API
 # -------------------------------------------------------------------------------------------------
@@ -1187,6 +1261,7 @@ _POST_IMPORT: tuple[tuple[str, Callable[[types.ModuleType], bool]], ...] = (
     ("matmul_constant_left", _patch_matmul_constant_left),
     ("conv_transpose_dilation", _patch_conv_transpose_dilation),
     ("matmul_ibp_spec", _patch_matmul_ibp_spec),
+    ("unreached_start_nodes", _patch_unreached_start_nodes),
 )
 
 

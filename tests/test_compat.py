@@ -40,6 +40,7 @@ KNOWN_PATCHES = {
     "optimize_in_model_dtype",
     "sshape_table_cache",
     "default_spec_dtype",
+    "unreached_start_nodes",
 }
 TOL = 1e-9
 IS_03 = al.__version__ == "0.3"

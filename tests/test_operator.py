@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import rj_plugin
-from rj_plugin import JacobianOf
+from rj_plugin import JacobianOf, compat
 from rj_plugin.lirpa import auto_LiRPA  # imported through the compatibility layer
 from rj_plugin.models import build_mlp
 from tests import oracle
@@ -85,6 +85,41 @@ def test_mixing_with_lirpa_after_the_node_is_sound(net, method, what) -> None:
     if what == "abs-sum":  # |J| summed over the input is at least the l1 Lipschitz bound's
         jb = rj_plugin.bound_jacobian(net, x0, eps=eps, norm="inf")
         assert (ub >= jb.lipschitz() - 1e-9).all()
+
+
+class ReluOfJacobian(nn.Module):
+    """An activation after the node: sum_ij relu(J_ij - t) (how much of J exceeds t)."""
+
+    def __init__(self, net: nn.Module, threshold: float) -> None:
+        super().__init__()
+        self.jac = JacobianOf(net)
+        self.threshold = threshold
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.jac(x) - self.threshold).flatten(1).sum(1, keepdim=True)
+
+
+@pytest.mark.parametrize("act", ["tanh", "sigmoid", "relu"])
+def test_alpha_crown_with_an_activation_after_the_node(act: str) -> None:
+    """alpha-CROWN optimises the ReLU after the node; the network's own activations, which no
+    backward pass reaches (the node cuts them off), get no alphas.  0.3 failed here with
+    KeyError (tanh, sigmoid) or AttributeError 'lower_d' (relu): compat unreached_start_nodes."""
+    torch.manual_seed(5)
+    inner = build_mlp(4, [8, 8], 3, act).to(DT).eval()
+    model = ReluOfJacobian(inner, 0.05).eval()
+    gen = torch.Generator().manual_seed(5)
+    x0 = torch.rand(2, 4, generator=gen, dtype=DT)
+    eps = 0.1
+    bm = BoundedModule(model, x0, bound_opts=compat.default_bound_opts())  # matrix mode: the Sub
+    bx = BoundedTensor(x0, PerturbationLpNorm(norm=math.inf, eps=eps))
+    crown_lb, crown_ub = bm.compute_bounds(x=(bx,), method="CROWN")
+    lb, ub = bm.compute_bounds(x=(bx,), method="alpha-CROWN")
+    assert (lb >= crown_lb - 1e-12).all() and (ub <= crown_ub + 1e-12).all()
+    for b in range(2):
+        pts = oracle.region_points(inner, x0[b], eps, math.inf, 500, gen)
+        with torch.no_grad():
+            true = torch.cat([model(p[None]) for p in pts])
+        assert (true >= lb[b] - 1e-10).all() and (true <= ub[b] + 1e-10).all()
 
 
 def test_spec_matrix_after_the_node_with_crown(net) -> None:
