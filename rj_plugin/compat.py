@@ -1234,6 +1234,38 @@ def _reached_only_relu(original: Callable[..., Any]) -> Callable[..., Any]:
     return init_opt_parameters
 
 
+def _patch_params_keep_requires_grad(al: types.ModuleType) -> bool:
+    """A bounded module's forward leaves the caller's parameters' ``requires_grad`` alone.
+
+    What broke: 0.3's ``BoundParams.forward`` returns ``self.param.requires_grad_(self.training)``.
+    The parameter is the caller's own tensor (``BoundedModule`` shares it), so evaluating a
+    module in eval mode -- which the plugin does for every model it bounds, and auto_LiRPA's
+    users do for verification -- silently froze the caller's network: after bounding
+    ``JacobianOf(net)``, ``net``'s weights had ``requires_grad=False`` and a training loop that
+    regularises with the bounds stopped training it (in train mode, the reverse: a frozen
+    parameter was unfrozen).
+    Why it is correct: the same values are returned; in eval mode a detached view (no gradient
+    flows to the parameter, as 0.3 intends), in train mode the parameter itself (gradients flow
+    when the caller's parameter requires them, torch's usual rule).  Only the flag on the
+    caller's tensor is no longer written.
+    Guard: only when ``BoundParams.forward`` calls ``requires_grad_(self.training)``.
+    """
+    cls = getattr(al.operators, "BoundParams", None)
+    original = None if cls is None else cls.__dict__.get("forward")
+    if original is None or _is_marked(original):
+        return False
+    if "requires_grad_(self.training)" not in _source(original):
+        return False
+
+    def forward(self: Any) -> Any:
+        param = self.param_init if self.initializing else self.param
+        return param if self.training else param.detach()
+
+    forward.__doc__ = original.__doc__
+    cls.forward = _mark(forward, "params_keep_requires_grad")
+    return True
+
+
 # -------------------------------------------------------------------------------------------------
 # Public API
 # -------------------------------------------------------------------------------------------------
@@ -1262,6 +1294,7 @@ _POST_IMPORT: tuple[tuple[str, Callable[[types.ModuleType], bool]], ...] = (
     ("conv_transpose_dilation", _patch_conv_transpose_dilation),
     ("matmul_ibp_spec", _patch_matmul_ibp_spec),
     ("unreached_start_nodes", _patch_unreached_start_nodes),
+    ("params_keep_requires_grad", _patch_params_keep_requires_grad),
 )
 
 

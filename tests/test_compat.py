@@ -41,6 +41,7 @@ KNOWN_PATCHES = {
     "sshape_table_cache",
     "default_spec_dtype",
     "unreached_start_nodes",
+    "params_keep_requires_grad",
 }
 TOL = 1e-9
 IS_03 = al.__version__ == "0.3"
@@ -612,3 +613,29 @@ def test_without_matmul_patch_crown_fails(kind: str, message: str,
     bm = al.BoundedModule(model, x0, bound_opts=compat.default_bound_opts())
     with pytest.raises((ValueError, RuntimeError), match=message):
         bm.compute_bounds(x=(_ptb_input(x0, 0.2),), method="CROWN")
+
+
+def test_bounded_forward_leaves_the_callers_requires_grad_alone() -> None:
+    """0.3's BoundParams.forward wrote ``requires_grad = training`` on the caller's own
+    parameters: one eval-mode forward froze the network (params_keep_requires_grad)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    net[2].weight.requires_grad_(False)  # frozen by the caller
+    flags = [p.requires_grad for p in net.parameters()]
+    x = torch.rand(2, 3, dtype=torch.float64)
+    bm = al.BoundedModule(net, x, bound_opts=compat.default_bound_opts())
+    bm.eval()
+    with torch.no_grad():
+        assert torch.allclose(bm(x), net(x))
+    assert [p.requires_grad for p in net.parameters()] == flags
+    bm.train()
+    bm(x).sum().backward()  # train mode: gradients reach the parameters that require them
+    assert [p.requires_grad for p in net.parameters()] == flags
+    assert net[0].weight.grad is not None and net[2].weight.grad is None
+    lb, ub = bm.compute_bounds(x=(al.BoundedTensor(x, al.PerturbationLpNorm(eps=0.1)),),
+                               method="CROWN")
+    assert [p.requires_grad for p in net.parameters()] == flags
+    pts = x.unsqueeze(1) + 0.2 * torch.rand(2, 200, 3, dtype=torch.float64) - 0.1
+    with torch.no_grad():
+        out = net(pts)
+    assert (out >= lb.unsqueeze(1) - TOL).all() and (out <= ub.unsqueeze(1) + TOL).all()
