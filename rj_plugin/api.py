@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import time
 from dataclasses import dataclass, field
@@ -240,6 +241,12 @@ def largest_batch(model: nn.Module, example: Tensor) -> int:
     return 1 << 31
 
 
+def _state_values(module: nn.Module, clone: bool = True) -> list[Tensor]:
+    """The module's parameters and buffers (detached; copies when ``clone``), in a fixed order."""
+    tensors = [t.detach() for t in itertools.chain(module.parameters(), module.buffers())]
+    return [t.clone() for t in tensors] if clone else tensors
+
+
 class JacobianBounder:
     """A model prepared for repeated Jacobian bounds (graph, chain and linear maps built once).
 
@@ -259,6 +266,10 @@ class JacobianBounder:
         if dtype not in (torch.float64, torch.float32):
             raise InputError(f"dtype must be float64 or float32, got {dtype}")
         start = time.perf_counter()
+        # The caller's module and its parameter / buffer values as built: the graph, the linear
+        # maps and auto_LiRPA's module below are snapshots of them (see is_current).
+        self._source = model if isinstance(model, nn.Module) else None
+        self._source_values = _state_values(model) if isinstance(model, nn.Module) else []
         if isinstance(model, nn.Module):
             tensors = list(model.parameters()) + list(model.buffers())
             if any(t.is_floating_point() and (t.dtype != dtype or t.device != torch.device(device))
@@ -289,9 +300,31 @@ class JacobianBounder:
             lin.op in structured for lin in self.jacobian_graph.linear_nodes) else None)
         self.build_seconds = time.perf_counter() - start
 
+    def is_current(self) -> bool:
+        """Whether the module this bounder was built from still has the parameter and buffer
+        values it had then (compared by value; a module given by path never changes).
+
+        The linear maps and auto_LiRPA's graph are taken at build time, so after an in-place
+        change of the weights (an optimiser step, ``load_state_dict``) the bounds would be
+        those of the old network: build a new bounder then.
+        """
+        if self._source is None:
+            return True
+        now = _state_values(self._source, clone=False)
+        return len(now) == len(self._source_values) and all(
+            (a.dtype, a.device, a.shape) == (b.dtype, b.device, b.shape) and torch.equal(a, b)
+            for a, b in zip(now, self._source_values, strict=True))
+
+    def _require_current(self) -> None:
+        if not self.is_current():
+            raise InputError("the model's parameters or buffers changed (in place) after this "
+                             "JacobianBounder was built, so its linear maps are those of the "
+                             "old network; build a new JacobianBounder")
+
     def derivative_ranges(self, region: Region, preact: str, alpha_iterations: int = 20,
                           alpha_lr: float = 0.1) -> tuple[list[Tensor], list[Tensor]]:
         """``g_lo, g_hi``: one ``[B, n_k]`` pair per activation."""
+        self._require_current()
         if region.unbounded:
             pairs = [a.activation.global_bounds(torch.zeros(region.batch, math.prod(a.shape),
                                                             dtype=self.dtype, device=self.device))
@@ -358,6 +391,7 @@ class JacobianBounder:
         if tuple(region.center.shape[1:]) != self.input_shape:
             raise InputError(f"input has shape {tuple(region.center.shape[1:])}; the model "
                              f"takes {self.input_shape}")
+        self._require_current()
         start = time.perf_counter()
         g_lo, g_hi = self.derivative_ranges(region, preact, alpha_iterations, alpha_lr)
         timings = {"preact_s": time.perf_counter() - start}

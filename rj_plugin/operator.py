@@ -16,9 +16,9 @@ Bounds of the node:
   for p < inf the l_p ball around the perturbed input's value with the perturbation's eps, for
   l_inf the input interval (``x -+ eps`` or the perturbation's ``x_L``/``x_U``).  Pre-activation
   bounds come from auto_LiRPA on the network's graph by the method in the node's options.  The
-  result is cached for the next call with the same region, compared by value (one CROWN pass asks
-  for it several times; a reused perturbation with a new eps or a box moved in place is a new
-  region).
+  result is cached for the next call with the same region and the same network weights, both
+  compared by value (one CROWN pass asks for it several times; a reused perturbation with a new
+  eps, a box moved in place, or weights changed in place by an optimiser step is a new call).
 * ``bound_backward``: with constant bounds [J_lo, J_hi] over the region, for any coefficient
   tensor A,  A . J >= A+ . J_lo + A- . J_hi  (and the mirror for the upper bound): the node
   passes zero coefficients to its inputs and returns these constants as bias.  With
@@ -209,6 +209,10 @@ class BoundRecurJacobian(Bound):
         """RecurJac bounds over the region of the input node (its perturbation and interval)."""
         from rj_plugin.api import JacobianBounder
 
+        if self._bounder is not None and not self._bounder.is_current():
+            # The network's weights changed in place (an optimiser step, load_state_dict): the
+            # bounder's linear maps and the cached bounds are those of the old network.
+            self._bounder, self._cache, self._lines = None, None, None
         node = _perturbed_root(self.inputs[0], self.name)
         # The cache is keyed on the region's values, never on tensor identities: a perturbation
         # reused with a new eps, or a box whose x_L / x_U were moved in place, is a new region.

@@ -212,6 +212,28 @@ def test_api_bad_alpha_settings() -> None:
     assert (jb.lower <= jb.upper).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_api_bounder_refuses_weights_changed_after_it_was_built(dtype: torch.dtype) -> None:
+    """A bounder's linear maps are taken at build time: after an in-place weight change it
+    refuses to bound (the old network's bounds would be reported for the new one), whether it
+    holds the caller's module (float32 = the bounder's dtype) or a converted copy (float64)."""
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    bounder = JacobianBounder(net, input_shape=(3,), dtype=dtype)
+    region = bounder.region(np.zeros(3), 0.1)
+    assert bounder.is_current()
+    bounder.bound(region)
+    built = net[0].weight[0, 0].item()
+    with torch.no_grad():
+        net[0].weight[0, 0] += 1.0
+    assert not bounder.is_current()
+    with pytest.raises(InputError, match="changed .*build a new JacobianBounder"):
+        bounder.bound(region)
+    with torch.no_grad():
+        net[0].weight[0, 0] = built  # back to the values it was built from
+    assert bounder.is_current()
+    bounder.bound(region)
+
+
 # ----------------------------------------------------------------------------------------------
 # 12: --input-shape / model.input_shape
 

@@ -224,6 +224,35 @@ def test_box_moved_in_place_gives_the_new_boxs_bounds(net) -> None:
     assert not torch.equal(lb, first[0]) and not torch.equal(ub, first[1])
 
 
+@pytest.mark.parametrize("change", ["optimiser-step", "load_state_dict", "data"])
+def test_weights_changed_in_place_give_the_new_networks_bounds(change: str) -> None:
+    """The wrapped network's weights changed in place between two calls with the same region
+    (a training loop): the bounds are those of the new network, never the cached old ones."""
+    torch.manual_seed(6)
+    inner = build_mlp(4, [10, 10], 3, "tanh").to(DT).eval()
+    gen = torch.Generator().manual_seed(6)
+    x0 = torch.rand(2, 4, generator=gen, dtype=DT)
+    bm = BoundedModule(JacobianOf(inner), x0)
+    bx = BoundedTensor(x0, PerturbationLpNorm(norm=math.inf, eps=0.1))
+    first = bm.compute_bounds(x=(bx,), method="CROWN")
+    if change == "optimiser-step":
+        opt = torch.optim.SGD(inner.parameters(), lr=0.5)
+        inner(x0).square().sum().backward()
+        opt.step()
+    elif change == "load_state_dict":
+        inner.load_state_dict({k: 1.5 * v for k, v in inner.state_dict().items()})
+    else:
+        for p in inner.parameters():
+            p.data.mul_(-1.3)  # .data: no version-counter bump
+    for method in ("IBP", "CROWN"):
+        lb, ub = bm.compute_bounds(x=(bx,), method=method)
+        pts = [oracle.region_points(inner, x0[b], 0.1, math.inf, 400, gen) for b in range(2)]
+        _assert_contains_true_jacobians(inner, lb, ub, pts)
+        fresh = rj_plugin.bound_jacobian(inner, x0, eps=0.1, norm="inf")
+        assert torch.equal(lb, fresh.lower) and torch.equal(ub, fresh.upper)
+    assert not torch.equal(ub, first[1])
+
+
 @pytest.mark.parametrize("before", ["scale", "shift", "negate"])
 def test_an_op_between_the_input_and_the_node_is_refused(before: str) -> None:
     """JacobianOf(net)(g(x)) is the Jacobian at g(x); it was bounded over x's region (unsound,
