@@ -251,7 +251,8 @@ class JacobianBounder:
     """A model prepared for repeated Jacobian bounds (graph, chain and linear maps built once).
 
     Args:
-        model: an ``nn.Module``, or a path / demo name understood by :func:`load_model`.
+        model: an ``nn.Module`` (the bounder works on an eval-mode copy; the module itself is
+            never changed), or a path / demo name understood by :func:`load_model`.
         input_shape: the shape of one input (without batch); needed when the model does not
             record it and no ``example`` is given.
         example: an example input ``[B, *input_shape]`` (used for tracing).
@@ -271,13 +272,13 @@ class JacobianBounder:
         self._source = model if isinstance(model, nn.Module) else None
         self._source_values = _state_values(model) if isinstance(model, nn.Module) else []
         if isinstance(model, nn.Module):
-            tensors = list(model.parameters()) + list(model.buffers())
-            if any(t.is_floating_point() and (t.dtype != dtype or t.device != torch.device(device))
-                   for t in tensors):
-                model = copy.deepcopy(model)  # never convert the caller's module in place
+            # The bounder's own copy, in eval mode and the bounder's dtype / device: the caller's
+            # module keeps its mode (a training loop may bound it between steps), dtype, device.
+            model = copy.deepcopy(model)
         else:
             model = load_model(model)
-        self.model = model.to(device=device, dtype=dtype).eval()
+        # Nothing trains the bounder's copy: no autograd graphs through its weights.
+        self.model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
         self.dtype, self.device = dtype, torch.device(device)
         if example is None:
             shape = input_shape or getattr(self.model, "rj_input_shape", None)

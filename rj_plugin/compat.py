@@ -599,6 +599,7 @@ def _in_model_dtype(method: Callable[..., Any]) -> Callable[..., Any]:
             torch.set_default_dtype(previous)
 
     wrapper.__doc__ = method.__doc__
+    wrapper.__wrapped__ = method  # type: ignore[attr-defined]
     return wrapper
 
 
@@ -1244,9 +1245,10 @@ def _patch_params_keep_requires_grad(al: types.ModuleType) -> bool:
     ``JacobianOf(net)``, ``net``'s weights had ``requires_grad=False`` and a training loop that
     regularises with the bounds stopped training it (in train mode, the reverse: a frozen
     parameter was unfrozen).
-    Why it is correct: the same values are returned; in eval mode a detached view (no gradient
-    flows to the parameter, as 0.3 intends), in train mode the parameter itself (gradients flow
-    when the caller's parameter requires them, torch's usual rule).  Only the flag on the
+    Why it is correct: the same values are returned; in eval mode a ``Parameter`` view of the
+    same storage without gradient (none flows to the caller's parameter, as 0.3 intends), in
+    train mode the parameter itself (gradients flow when the caller's parameter requires them,
+    torch's usual rule).  Only the flag on the
     caller's tensor is no longer written.
     Guard: only when ``BoundParams.forward`` calls ``requires_grad_(self.training)``.
     """
@@ -1259,10 +1261,75 @@ def _patch_params_keep_requires_grad(al: types.ModuleType) -> bool:
 
     def forward(self: Any) -> Any:
         param = self.param_init if self.initializing else self.param
-        return param if self.training else param.detach()
+        if self.training or not isinstance(param, torch.nn.Parameter):
+            return param
+        # A Parameter (0.3's MatMul stores its operands as module attributes, where a plain
+        # tensor may not replace a Parameter) sharing the storage, without gradient.
+        return torch.nn.Parameter(param.detach(), requires_grad=False)
 
     forward.__doc__ = original.__doc__
     cls.forward = _mark(forward, "params_keep_requires_grad")
+    return True
+
+
+def _patch_nothing_to_optimise(al: types.ModuleType) -> bool:
+    """alpha-CROWN whose bound depends on no alpha: one pass (= CROWN) instead of a crash.
+
+    What broke: 0.3's ``get_optimized_bounds`` calls ``loss.backward()`` after every iteration
+    but the last.  When the final bound depends on no alpha and not on the input tensor --
+    nothing but linear ops after a ``rj_plugin::Jacobian`` node (``C @ J``, ``(J * v).sum``,
+    ``|J|`` sums), whose bounds are constants to auto_LiRPA, while the network's activations
+    before it get alphas only for bounds that never reach the final one -- the loss has no
+    ``grad_fn`` and 0.3 fails with ``RuntimeError: element 0 of tensors does not require grad``.
+    Why it is correct: a loss without ``grad_fn`` (with gradients enabled) depends on no
+    optimised parameter, so every iteration would return the same bound; the same function is
+    called again with one iteration, which computes it and skips ``backward``.
+    Guard: only when ``get_optimized_bounds`` calls ``loss.backward()`` and skips it in its last
+    iteration (``if i != iteration - 1``); at run time only for an error raised by that very
+    ``loss.backward()`` line of this call (found in the traceback) while gradients are enabled.
+    Anything else -- e.g. a failure inside a nested bound computation -- is raised unchanged.
+    """
+    cls = getattr(al, "BoundedModule", None)
+    original = None if cls is None else getattr(cls, "get_optimized_bounds", None)
+    if original is None or "nothing_to_optimise" in _marks(original):
+        return False
+    inner = inspect.unwrap(original)
+    try:
+        lines, first = inspect.getsourcelines(inner)
+    except (OSError, TypeError):
+        return False
+    backward_lines = {first + k for k, line in enumerate(lines) if "loss.backward()" in line}
+    if not backward_lines or not any("if i != iteration - 1" in line for line in lines):
+        return False
+
+    def raised_by_the_backward(exc: BaseException) -> bool:
+        tb = exc.__traceback__
+        while tb is not None:
+            if tb.tb_frame.f_code is inner.__code__:  # the outermost call of 0.3's function
+                return tb.tb_lineno in backward_lines
+            tb = tb.tb_next
+        return False
+
+    def get_optimized_bounds(self: Any, *args: Any, **kwargs: Any) -> Any:
+        grad_enabled = torch.is_grad_enabled()
+        try:
+            return original(self, *args, **kwargs)
+        except RuntimeError as exc:
+            if not (grad_enabled and raised_by_the_backward(exc)):
+                raise
+        opts = self.bound_opts["optimize_bound_args"]
+        iterations = opts["iteration"]
+        opts["iteration"] = 1
+        try:
+            with warnings.catch_warnings():  # one pass: the scheduler steps, the optimiser not
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler")
+                return original(self, *args, **kwargs)
+        finally:
+            opts["iteration"] = iterations
+
+    get_optimized_bounds.__doc__ = original.__doc__
+    get_optimized_bounds.__wrapped__ = original  # type: ignore[attr-defined]
+    cls.get_optimized_bounds = _mark(get_optimized_bounds, "nothing_to_optimise")
     return True
 
 
@@ -1295,6 +1362,7 @@ _POST_IMPORT: tuple[tuple[str, Callable[[types.ModuleType], bool]], ...] = (
     ("matmul_ibp_spec", _patch_matmul_ibp_spec),
     ("unreached_start_nodes", _patch_unreached_start_nodes),
     ("params_keep_requires_grad", _patch_params_keep_requires_grad),
+    ("nothing_to_optimise", _patch_nothing_to_optimise),
 )
 
 

@@ -229,8 +229,11 @@ class BoundRecurJacobian(Bound):
         else:
             region = b.region(key.center, key.eps, key.norm)
         o = self.rj_options
-        jb = b.bound(region, preact=o["preact"], method=o["method"],
-                     alpha_iterations=o["alpha_iterations"], alpha_lr=o["alpha_lr"])
+        # The outer compute_bounds may run under no_grad (alpha-CROWN's init pass); the node's
+        # own alpha-CROWN pre-activation bounds optimise with gradients.
+        with torch.enable_grad():
+            jb = b.bound(region, preact=o["preact"], method=o["method"],
+                         alpha_iterations=o["alpha_iterations"], alpha_lr=o["alpha_lr"])
         shape = (jb.lower.shape[0], jb.lower.shape[1], *self.inputs[0].output_shape[1:])
         self._cache = (key, (jb.lower.reshape(shape), jb.upper.reshape(shape)))
         self._last_bounds = jb

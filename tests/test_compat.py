@@ -42,6 +42,7 @@ KNOWN_PATCHES = {
     "default_spec_dtype",
     "unreached_start_nodes",
     "params_keep_requires_grad",
+    "nothing_to_optimise",
 }
 TOL = 1e-9
 IS_03 = al.__version__ == "0.3"
@@ -639,3 +640,24 @@ def test_bounded_forward_leaves_the_callers_requires_grad_alone() -> None:
     with torch.no_grad():
         out = net(pts)
     assert (out >= lb.unsqueeze(1) - TOL).all() and (out <= ub.unsqueeze(1) + TOL).all()
+
+
+def test_alpha_crown_whose_bound_depends_on_no_alpha() -> None:
+    """nothing_to_optimise: alpha-CROWN of J = JacobianOf(net)(x) (constants to auto_LiRPA)
+    is CROWN's bound instead of 0.3's 'does not require grad' crash; the fallback is narrow:
+    alpha-CROWN called under no_grad still fails loudly rather than quietly becoming CROWN."""
+    from rj_plugin import JacobianOf
+
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(),
+                        nn.Linear(6, 2)).double()
+    x = torch.rand(2, 3, dtype=torch.float64)
+    bx = al.BoundedTensor(x, al.PerturbationLpNorm(eps=0.1))
+    bm = al.BoundedModule(JacobianOf(net), x, bound_opts=compat.default_bound_opts())
+    crown = bm.compute_bounds(x=(bx,), method="CROWN")
+    alpha = bm.compute_bounds(x=(bx,), method="alpha-CROWN")
+    assert torch.equal(alpha[0], crown[0]) and torch.equal(alpha[1], crown[1])
+    relu_net = nn.Sequential(nn.Linear(3, 6), nn.ReLU(), nn.Linear(6, 2)).double()
+    plain = al.BoundedModule(relu_net, x, bound_opts=compat.default_bound_opts())
+    with torch.no_grad(), pytest.raises(RuntimeError, match="does not require grad"):
+        plain.compute_bounds(x=(bx,), method="alpha-CROWN")

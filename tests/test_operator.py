@@ -65,7 +65,7 @@ def test_operator_route_equals_bound_jacobian(net, norm, preact) -> None:
     assert torch.equal(lb, jb.lower) and torch.equal(ub, jb.upper)
 
 
-@pytest.mark.parametrize("method", ["IBP", "CROWN"])
+@pytest.mark.parametrize("method", ["IBP", "CROWN", "alpha-CROWN"])
 @pytest.mark.parametrize("what", ["abs-sum", "jvp"])
 def test_mixing_with_lirpa_after_the_node_is_sound(net, method, what) -> None:
     gen = torch.Generator().manual_seed(0)
@@ -222,6 +222,42 @@ def test_box_moved_in_place_gives_the_new_boxs_bounds(net) -> None:
             fresh = rj_plugin.bound_jacobian(net, lower=x_lo, upper=x_hi)
             assert torch.equal(lb, fresh.lower) and torch.equal(ub, fresh.upper)
     assert not torch.equal(lb, first[0]) and not torch.equal(ub, first[1])
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_node_with_alpha_crown_preactivations_inside_an_outer_alpha_crown_call(batch: int) -> None:
+    """The node's own alpha-CROWN pre-activation bounds, first computed inside the outer
+    alpha-CROWN call (which runs its init pass under no_grad): they used to fail ('does not
+    require grad'), leaving the module broken for every later call."""
+    torch.manual_seed(7)
+    inner = build_mlp(4, [8, 8], 3, "tanh").to(DT).eval()
+    gen = torch.Generator().manual_seed(7)
+    x0 = torch.rand(batch, 4, generator=gen, dtype=DT)
+    opts = {**compat.default_bound_opts(), "recurjac": {"preact": "alpha-crown"}}
+    bm = BoundedModule(ReluOfJacobian(inner, 0.05), x0, bound_opts=opts)
+    bx = BoundedTensor(x0, PerturbationLpNorm(norm=math.inf, eps=0.1))
+    lb, ub = bm.compute_bounds(x=(bx,), method="alpha-CROWN")
+    ibp = bm.compute_bounds(x=(bx,), method="IBP")
+    jb = rj_plugin.bound_jacobian(inner, x0, eps=0.1, norm="inf", preact="alpha-crown")
+    expected = (jb.upper - 0.05).clamp(min=0).flatten(1).sum(1, keepdim=True)
+    assert torch.allclose(ibp[1], expected, rtol=0, atol=1e-12)  # the node's bounds are RecurJac's
+    for b in range(batch):
+        pts = oracle.region_points(inner, x0[b], 0.1, math.inf, 300, gen)
+        with torch.no_grad():
+            true = torch.cat([bm(p[None]) for p in pts])
+        assert (true >= lb[b] - 1e-10).all() and (true <= ub[b] + 1e-10).all()
+
+
+def test_bounding_leaves_the_networks_training_mode_alone() -> None:
+    """A training loop bounds its net between steps: neither the operator nor bound_jacobian
+    switches the caller's module (or any submodule) to eval mode."""
+    torch.manual_seed(8)
+    inner = build_mlp(4, [8], 3, "tanh").to(DT).train()
+    x0 = torch.rand(1, 4, dtype=DT)
+    bm = BoundedModule(JacobianOf(inner), x0)
+    bm.compute_bounds(x=(BoundedTensor(x0, PerturbationLpNorm(eps=0.1)),), method="CROWN")
+    rj_plugin.bound_jacobian(inner, x0, eps=0.1)
+    assert all(m.training for m in inner.modules())
 
 
 @pytest.mark.parametrize("change", ["optimiser-step", "load_state_dict", "data"])
