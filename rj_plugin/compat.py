@@ -1333,6 +1333,38 @@ def _patch_nothing_to_optimise(al: types.ModuleType) -> bool:
     return True
 
 
+def _patch_shared_buffers(al: types.ModuleType) -> bool:
+    """A bounded module reads the model's buffers (BatchNorm statistics) live, like its weights.
+
+    What broke: 0.3's ``BoundBuffers`` registers ``value.clone().detach()``, a copy taken when the
+    ``BoundedModule`` is built, while ``BoundParams`` shares the model's parameters.  After the
+    model's running statistics changed in place (a train-mode forward, ``load_state_dict``, an
+    edit), the bounds mixed new weights with old statistics: bounds of a network that no longer
+    exists, which excluded the model's true outputs (found by fuzzing ``JacobianOf(net)`` heads
+    that also use ``net(x)``; a plain ``BoundedModule(net)`` does the same).
+    Why it is correct: the buffer node returns the model's own tensor (``detach``: same storage,
+    no autograd history), so the bounds are those of the model as it is when they are computed.
+    Building the module still restores the statistics that tracing a train-mode model changed
+    (0.3 reloads its saved state dict into the module, i.e. now into the shared tensors).
+    Guard: only when ``BoundBuffers.__init__`` registers ``value.clone().detach()``.
+    """
+    cls = getattr(al.operators, "BoundBuffers", None)
+    original = None if cls is None else cls.__dict__.get("__init__")
+    if original is None or _is_marked(original):
+        return False
+    if "value.clone().detach()" not in _source(original):
+        return False
+    base = cls.__mro__[1]
+
+    def __init__(self: Any, ori_name: Any, value: Any, perturbation: Any = None) -> None:
+        base.__init__(self, ori_name, None, perturbation)
+        self.register_buffer("buffer", value.detach())
+
+    __init__.__doc__ = original.__doc__
+    cls.__init__ = _mark(__init__, "shared_buffers")
+    return True
+
+
 # -------------------------------------------------------------------------------------------------
 # Public API
 # -------------------------------------------------------------------------------------------------
@@ -1363,6 +1395,7 @@ _POST_IMPORT: tuple[tuple[str, Callable[[types.ModuleType], bool]], ...] = (
     ("unreached_start_nodes", _patch_unreached_start_nodes),
     ("params_keep_requires_grad", _patch_params_keep_requires_grad),
     ("nothing_to_optimise", _patch_nothing_to_optimise),
+    ("shared_buffers", _patch_shared_buffers),
 )
 
 

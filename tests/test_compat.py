@@ -43,6 +43,7 @@ KNOWN_PATCHES = {
     "unreached_start_nodes",
     "params_keep_requires_grad",
     "nothing_to_optimise",
+    "shared_buffers",
 }
 TOL = 1e-9
 IS_03 = al.__version__ == "0.3"
@@ -661,3 +662,30 @@ def test_alpha_crown_whose_bound_depends_on_no_alpha() -> None:
     plain = al.BoundedModule(relu_net, x, bound_opts=compat.default_bound_opts())
     with torch.no_grad(), pytest.raises(RuntimeError, match="does not require grad"):
         plain.compute_bounds(x=(bx,), method="alpha-CROWN")
+
+
+def test_buffers_changed_in_place_are_bounded_as_they_are_now() -> None:
+    """shared_buffers: 0.3 copied buffers (BatchNorm statistics) at construction but shared the
+    weights, so after the statistics changed the bounds were of a network that no longer
+    existed and excluded the model's outputs."""
+    torch.manual_seed(2)
+    net = nn.Sequential(nn.Linear(3, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 2)).double()
+    net.eval()
+    x = torch.rand(2, 3, dtype=torch.float64)
+    bx = al.BoundedTensor(x, al.PerturbationLpNorm(eps=0.05))
+    bm = al.BoundedModule(net, x, bound_opts=compat.default_bound_opts())
+    before = bm.compute_bounds(x=(bx,), method="CROWN")
+    with torch.no_grad():
+        net[1].running_mean.add_(0.7)
+        net[1].running_var.mul_(0.3)
+    for method in ("IBP", "CROWN"):
+        lb, ub = bm.compute_bounds(x=(bx,), method=method)
+        fresh = al.BoundedModule(net, x, bound_opts=compat.default_bound_opts())
+        flb, fub = fresh.compute_bounds(x=(bx,), method=method)
+        assert torch.allclose(lb, flb, rtol=0, atol=1e-12)
+        assert torch.allclose(ub, fub, rtol=0, atol=1e-12)
+        pts = x.unsqueeze(1) + 0.1 * torch.rand(2, 300, 3, dtype=torch.float64) - 0.05
+        with torch.no_grad():
+            out = net(pts.reshape(-1, 3)).reshape(2, 300, 2)
+        assert (out >= lb.unsqueeze(1) - TOL).all() and (out <= ub.unsqueeze(1) + TOL).all()
+    assert not torch.equal(ub, before[1])
