@@ -1235,6 +1235,17 @@ def _reached_only_relu(original: Callable[..., Any]) -> Callable[..., Any]:
     return init_opt_parameters
 
 
+def _unpatched(al: types.ModuleType, cls_name: str, attr: str, needle: str
+               ) -> tuple[type, Callable[..., Any]] | None:
+    """``(class, method)`` of ``al.operators.<cls_name>.<attr>`` when it is defined on that class,
+    not patched yet, and its source contains ``needle`` (0.3's code); otherwise None."""
+    cls = getattr(al.operators, cls_name, None)
+    original = None if cls is None else cls.__dict__.get(attr)
+    if original is None or _is_marked(original) or needle not in _source(original):
+        return None
+    return cls, original
+
+
 def _patch_params_keep_requires_grad(al: types.ModuleType) -> bool:
     """A bounded module's forward leaves the caller's parameters' ``requires_grad`` alone.
 
@@ -1248,16 +1259,13 @@ def _patch_params_keep_requires_grad(al: types.ModuleType) -> bool:
     Why it is correct: the same values are returned; in eval mode a ``Parameter`` view of the
     same storage without gradient (none flows to the caller's parameter, as 0.3 intends), in
     train mode the parameter itself (gradients flow when the caller's parameter requires them,
-    torch's usual rule).  Only the flag on the
-    caller's tensor is no longer written.
+    torch's usual rule).  Only the flag on the caller's tensor is no longer written.
     Guard: only when ``BoundParams.forward`` calls ``requires_grad_(self.training)``.
     """
-    cls = getattr(al.operators, "BoundParams", None)
-    original = None if cls is None else cls.__dict__.get("forward")
-    if original is None or _is_marked(original):
+    target = _unpatched(al, "BoundParams", "forward", "requires_grad_(self.training)")
+    if target is None:
         return False
-    if "requires_grad_(self.training)" not in _source(original):
-        return False
+    cls, original = target
 
     def forward(self: Any) -> Any:
         param = self.param_init if self.initializing else self.param
@@ -1348,12 +1356,10 @@ def _patch_shared_buffers(al: types.ModuleType) -> bool:
     (0.3 reloads its saved state dict into the module, i.e. now into the shared tensors).
     Guard: only when ``BoundBuffers.__init__`` registers ``value.clone().detach()``.
     """
-    cls = getattr(al.operators, "BoundBuffers", None)
-    original = None if cls is None else cls.__dict__.get("__init__")
-    if original is None or _is_marked(original):
+    target = _unpatched(al, "BoundBuffers", "__init__", "value.clone().detach()")
+    if target is None:
         return False
-    if "value.clone().detach()" not in _source(original):
-        return False
+    cls, original = target
     base = cls.__mro__[1]
 
     def __init__(self: Any, ori_name: Any, value: Any, perturbation: Any = None) -> None:
